@@ -1,0 +1,81 @@
+"""mLSTM and attention kernels of lit-xdistill (imported as `xdistill_kernels`; depends on torch and triton).
+
+Public API: mlstm, mlstm_step, mlstm_fresh_state, attention, MLSTMState. Semantics of the mLSTM (and what its
+backward differentiates) are stated in `reference.py`; docs/kernels.md has the derivations and design notes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .attention import attention
+from .reference import (
+    MLSTMState,
+    mlstm_chunkwise,
+    mlstm_fresh_state,
+    mlstm_parallel,
+    mlstm_recurrent,
+    mlstm_step_reference,
+)
+
+__all__ = ["MLSTMState", "attention", "mlstm", "mlstm_fresh_state", "mlstm_step"]
+
+
+def mlstm(
+    q: Tensor,  # (B, NH, S, DQK), already feature-mapped; no scaling inside
+    k: Tensor,  # (B, NH, S, DQK)
+    v: Tensor,  # (B, NH, S, DV)
+    igate: Tensor,  # (B, NH, S) input-gate pre-activation: i = exp(igate)
+    fgate: Tensor,  # (B, NH, S) forget-gate pre-activation: f = sigmoid(fgate), used as logsigmoid
+    *,
+    segment_ids: Tensor | None = None,  # (B, S) integer ids; the state resets where the id changes
+    initial_state: MLSTMState | None = None,  # continued by the first position (fresh if None)
+    return_final_state: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    eps: float = 1e-6,
+) -> Tensor | tuple[Tensor, MLSTMState]:
+    """The mLSTM over a sequence: h (B,NH,S,DV) in q's dtype, plus the final fp32 state if asked.
+
+    h_t = C_t^T q_t / (max(|n_t^T q_t|, exp(-m_t)) + eps) with C_t = f_t C_{t-1} + i_t k_t v_t^T,
+    n_t = f_t n_{t-1} + i_t k_t, computed in stabilised form (m_t = max(logsigmoid(fgate_t) + m_{t-1},
+    igate_t)). The backward treats m as a constant stabiliser and differentiates everything else exactly,
+    the normaliser n included; gradients reach q, k, v, igate, fgate and the initial (C, n), and upstream
+    gradients on the returned final (C, n) are supported.
+
+    backend: "auto" (triton on CUDA, chunkwise torch otherwise), "triton", "chunkwise", "parallel",
+    "recurrent". chunk_size: for "chunkwise" (default 64) and "triton" (default: heuristic).
+    """
+    if backend == "auto":
+        backend = "chunkwise"  # triton kernels land in the next commit
+    kwargs = dict(segment_ids=segment_ids, initial_state=initial_state, eps=eps)
+    if backend == "triton":
+        from .chunkwise_triton import mlstm_triton
+
+        h, state = mlstm_triton(q, k, v, igate, fgate, chunk_size=chunk_size, **kwargs)
+    elif backend == "chunkwise":
+        h, state = mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size or 64, **kwargs)
+    elif backend == "parallel":
+        h, state = mlstm_parallel(q, k, v, igate, fgate, **kwargs)
+    elif backend == "recurrent":
+        h, state = mlstm_recurrent(q, k, v, igate, fgate, **kwargs)
+    else:
+        raise ValueError(
+            f"mlstm: unknown backend {backend!r}; use auto, triton, chunkwise, parallel or recurrent"
+        )
+    return (h, state) if return_final_state else h
+
+
+def mlstm_step(
+    q: Tensor,  # (B, NH, DQK)
+    k: Tensor,  # (B, NH, DQK)
+    v: Tensor,  # (B, NH, DV)
+    igate: Tensor,  # (B, NH)
+    fgate: Tensor,  # (B, NH)
+    state: MLSTMState,
+    eps: float = 1e-6,
+) -> tuple[Tensor, MLSTMState]:
+    """One decoding step: h (B,NH,DV) in q's dtype and the new fp32 state.
+
+    Triton kernel on CUDA (no autograd), torch otherwise (autograd as in mlstm)."""
+    return mlstm_step_reference(q, k, v, igate, fgate, state, eps)

@@ -1,0 +1,68 @@
+"""attention(): the visibility rule, GQA, and the flex path against the dense SDPA reference."""
+
+import pytest
+import torch
+from xdistill_kernels import attention
+from xdistill_kernels.attention import visibility_mask
+
+
+def _rule(S, window, n_sinks, seg):
+    """The visibility rule written out literally, one (i, j) at a time."""
+    start = [0] * S
+    for t in range(1, S):
+        start[t] = t if seg[t] != seg[t - 1] else start[t - 1]
+    out = torch.zeros(S, S, dtype=torch.bool)
+    for i in range(S):
+        for j in range(i + 1):
+            same = start[i] == start[j]
+            near = window is None or i - j < window or j - start[j] < n_sinks
+            out[i, j] = same and near
+    return out
+
+
+@pytest.mark.parametrize("window,n_sinks", [(None, 0), (3, 0), (3, 2), (1, 4)])
+def test_visibility_mask_matches_rule(window, n_sinks):
+    seg = torch.tensor([[5, 5, 5, 5, 5, 5, 1, 2, 2, 2, 2, 2, 2, 2, 5, 5]])
+    mask = visibility_mask(16, window=window, n_sinks=n_sinks, segment_ids=seg, batch=1)
+    assert torch.equal(mask[0], _rule(16, window, n_sinks, seg[0].tolist()))
+    assert mask[0].diagonal().all()  # no row is ever empty
+
+
+def _naive(q, k, v, mask, scale):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask[:, None], -torch.inf)
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_matches_naive_softmax(backend):
+    """Outputs (and gradients where the backend has a CPU backward) vs softmax written out, float32
+    (differences are rounding, ~1e-6). FlexAttention has no CPU backward; the GPU tests cover it."""
+    g = torch.Generator().manual_seed(0)
+    B, NH, NKV, S, D = 2, 4, 2, 40, 16
+    grad = backend == "sdpa"
+    q = torch.randn(B, NH, S, D, generator=g, requires_grad=grad)
+    k = torch.randn(B, NKV, S, D, generator=g, requires_grad=grad)
+    v = torch.randn(B, NKV, S, D, generator=g, requires_grad=grad)
+    seg = torch.tensor([[0] * 25 + [1] * 15, [3] * 7 + [4] + [3] * 32])
+    out = attention(q, k, v, window=8, n_sinks=2, segment_ids=seg, backend=backend)
+    mask = visibility_mask(S, window=8, n_sinks=2, segment_ids=seg, batch=B)
+    ref = _naive(q, k, v, mask, D**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if not grad:
+        return
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_errors():
+    q = torch.randn(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="NKV"):
+        attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="unknown backend"):
+        attention(q, q, q, backend="nope")
