@@ -47,7 +47,7 @@ def mlstm(
     "recurrent". chunk_size: for "chunkwise" (default 64) and "triton" (default: heuristic).
     """
     if backend == "auto":
-        backend = "chunkwise"  # triton kernels land in the next commit
+        backend = "triton" if q.is_cuda else "chunkwise"
     kwargs = dict(segment_ids=segment_ids, initial_state=initial_state, eps=eps)
     if backend == "triton":
         from .chunkwise_triton import mlstm_triton
@@ -77,5 +77,10 @@ def mlstm_step(
 ) -> tuple[Tensor, MLSTMState]:
     """One decoding step: h (B,NH,DV) in q's dtype and the new fp32 state.
 
-    Triton kernel on CUDA (no autograd), torch otherwise (autograd as in mlstm)."""
+    Triton kernel on CUDA when no input needs a gradient, torch otherwise (autograd as in mlstm)."""
+    needs_grad = any(x.requires_grad for x in (q, k, v, igate, fgate, *state))
+    if q.is_cuda and not needs_grad:
+        from .step_triton import mlstm_step_triton
+
+        return mlstm_step_triton(q, k, v, igate, fgate, state, eps)
     return mlstm_step_reference(q, k, v, igate, fgate, state, eps)

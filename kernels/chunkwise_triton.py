@@ -1,0 +1,430 @@
+"""Chunkwise-parallel mLSTM in Triton: forward and backward behind one torch.autograd.Function.
+
+Same semantics as reference.py (stabilised mLSTM, documents reset the state, initial/final state). The
+sequence is cut into chunks of L positions. Four kernels, each program owning one (batch, head):
+
+  forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk
+           _fwd_output   parallel over chunks: h = intra-chunk quadratic part + inter-chunk part from the
+                         state, saving the normaliser den and the stabiliser m per position
+  backward _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk, and the
+                         normaliser gradient dden per position
+           _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position, from which the
+                         gate gradients follow (see _gate_grads)
+
+Backward semantics: m is a constant stabiliser (detached, as in the reference); everything else is
+differentiated exactly, the normaliser n and the |n^T q| branch of max(|n^T q|, exp(-m)) included. This is
+the augmented-value view: den is one more value column (v = 1) whose output gradient is dden.
+docs/kernels.md derives the formulas and counts FLOPs and bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import MLSTMState, document_index, mlstm_fresh_state
+
+
+@triton.jit
+def _chunk_gates(ig_ptr, lf_ptr, doc_ptr, c, S, L: tl.constexpr):
+    """Per-position scalars of chunk c (pointers already at this row): cumulative log forget b (L,), igate
+    (L,), document index (L,; -1 past S), validity, and the documents of the incoming state and of the last
+    position."""
+    offs = c * L + tl.arange(0, L)
+    valid = offs < S
+    lf = tl.load(lf_ptr + offs, mask=valid, other=0.0)
+    ig = tl.load(ig_ptr + offs, mask=valid, other=0.0)
+    doc = tl.load(doc_ptr + offs, mask=valid, other=-1)
+    b = tl.cumsum(lf, 0)
+    doc_prev = tl.load(doc_ptr + tl.maximum(c * L - 1, 0))  # position 0 continues the initial state
+    doc_last = tl.load(doc_ptr + tl.minimum(c * L + L, S) - 1)
+    return offs, valid, b, ig, doc, doc_prev, doc_last, tl.sum(lf, 0)
+
+
+@triton.jit
+def _intra_logits(b, ig, doc, valid, L: tl.constexpr):
+    """(L, L) log weights b_i - b_j + ig_j of key j for query i; -inf unless j <= i in the same document."""
+    i = tl.arange(0, L)[:, None]
+    j = tl.arange(0, L)[None, :]
+    mask = (j <= i) & (doc[:, None] == doc[None, :]) & valid[None, :] & valid[:, None]
+    return tl.where(mask, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
+
+
+@triton.jit
+def _fwd_states(
+    k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DV)
+    ig_ptr, lf_ptr,  # (B, NH, S) igate, logsigmoid(fgate), fp32
+    doc_ptr,  # (B, S) int32 document index
+    c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32
+    cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
+    cf_ptr, nf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) final state, fp32
+    NH, S, NC,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ok = kb * BK + tl.arange(0, BK)
+    ov = vb * BV + tl.arange(0, BV)
+    k_ptr += bh * S * DQK
+    v_ptr += bh * S * DV
+    ig_ptr += bh * S
+    lf_ptr += bh * S
+    doc_ptr += (bh // NH) * S
+    C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
+    n = tl.load(n0_ptr + bh * DQK + ok)
+    m = tl.load(m0_ptr + bh)
+    if (kb == 0) & (vb == 0):
+        tl.store(ms_ptr + bh * (NC + 1), m)
+    for c in range(NC):
+        tl.store(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
+                 C.to(cs_ptr.dtype.element_ty))
+        if vb == 0:
+            tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
+        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(ig_ptr, lf_ptr, doc_ptr, c, S, L)
+        a_last = tl.where(doc_last == doc_prev, b_last + m, float("-inf"))
+        logw = tl.where(valid & (doc == doc_last), b_last - b + ig, float("-inf"))
+        m_new = tl.maximum(a_last, tl.max(logw, 0))
+        g = tl.exp(a_last - m_new)
+        w = tl.exp(logw - m_new)
+        k = tl.load(k_ptr + offs[:, None] * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offs[:, None] * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        kw = k.to(tl.float32) * w[:, None]
+        C = g * C + tl.dot(tl.trans(kw.to(k.dtype)), v, input_precision=PREC)
+        n = g * n + tl.sum(kw, 0)
+        m = m_new
+        if (kb == 0) & (vb == 0):
+            tl.store(ms_ptr + bh * (NC + 1) + c + 1, m)
+    tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
+    if vb == 0:
+        tl.store(nf_ptr + bh * DQK + ok, n)
+
+
+@triton.jit
+def _fwd_output(
+    q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
+    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    cs_ptr, ns_ptr, ms_ptr,  # chunk states from _fwd_states
+    h_ptr,  # (B, NH, S, DV) output, input dtype
+    den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
+    NH, S, NC, eps,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ov = vb * BV + tl.arange(0, BV)
+    offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+        ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+    m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
+    log_inter = tl.where(valid & (doc == doc_prev), b + m_c, float("-inf"))
+    logD = _intra_logits(b, ig, doc, valid, L)
+    m_i = tl.where(valid, tl.maximum(log_inter, tl.max(logD, 1)), 0.0)
+    P = tl.exp(logD - m_i[:, None])
+    s_inter = tl.exp(log_inter - m_i)
+
+    qk = tl.zeros((L, L), dtype=tl.float32)
+    q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
+    q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
+    for kb in tl.static_range(DQK // BK):
+        ok = kb * BK + tl.arange(0, BK)
+        q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+        C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+        n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
+        q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
+    Smat = qk * P
+    v = tl.load(v_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
+    num = tl.dot(Smat.to(v.dtype), v, input_precision=PREC) + s_inter[:, None] * q_c
+    den = tl.sum(Smat, 1) + s_inter * q_n
+    z = tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps
+    h = num / z[:, None]
+    tl.store(h_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=valid[:, None])
+    if vb == 0:
+        tl.store(den_ptr + bh * S + offs, den, mask=valid)
+        tl.store(mi_ptr + bh * S + offs, m_i, mask=valid)
+
+
+@triton.jit
+def _bwd_states(
+    q_ptr, h_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) output, (B, NH, S, DV) its gradient
+    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    ms_ptr, den_ptr, mi_ptr,  # (B*NH, NC+1), (B, NH, S), (B, NH, S) fp32 from the forward
+    dcf_ptr, dnf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the final state (zeros if none)
+    dcs_ptr, dns_ptr,  # (B*NH, NC, DQK, DV) input dtype, (B*NH, NC, DQK) fp32: gradient of the state
+                       # leaving each chunk
+    dc0_ptr, dn0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the initial state
+    dden_ptr,  # (B, NH, S) fp32 gradient of den per position
+    NH, S, NC, eps,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ok = kb * BK + tl.arange(0, BK)
+    ov = vb * BV + tl.arange(0, BV)
+    dC = tl.load(dcf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
+    dn = tl.load(dnf_ptr + bh * DQK + ok)
+    for i in range(NC):
+        c = NC - 1 - i
+        tl.store(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
+                 dC.to(dcs_ptr.dtype.element_ty))
+        if vb == 0:
+            tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
+        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+            ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+        m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
+        m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
+        m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
+        den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
+        rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
+        s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
+        g = tl.where(doc_last == doc_prev, tl.exp(b_last + m_c - m_next), 0.0)
+        q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+        dh = tl.load(dh_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        qs = q.to(tl.float32) * (s_inter * rz)[:, None]
+        dC = g * dC + tl.dot(tl.trans(qs.to(q.dtype)), dh, input_precision=PREC)
+        if vb == 0:
+            dh_h = tl.zeros((L,), dtype=tl.float32)
+            for vb2 in tl.static_range(DV // BV):
+                ov2 = vb2 * BV + tl.arange(0, BV)
+                rows2 = (bh * S + offs[:, None]) * DV + ov2[None, :]
+                dh2 = tl.load(dh_ptr + rows2, mask=valid[:, None], other=0.0)
+                h2 = tl.load(h_ptr + rows2, mask=valid[:, None], other=0.0)
+                dh_h += tl.sum(dh2.to(tl.float32) * h2.to(tl.float32), 1)
+            # h = num / z with z = max(|den|, exp(-m)) + eps: dden = -(dh.h)/z * sign(den) on the |den| branch
+            sel = tl.where(tl.abs(den) >= tl.exp(-m_i), tl.where(den >= 0, 1.0, -1.0), 0.0)
+            dden = -dh_h * rz * sel
+            dn = g * dn + tl.sum(q.to(tl.float32) * (s_inter * dden)[:, None], 0)
+            if kb == 0:
+                tl.store(dden_ptr + bh * S + offs, dden, mask=valid)
+    tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
+    if vb == 0:
+        tl.store(dn0_ptr + bh * DQK + ok, dn)
+
+
+@triton.jit
+def _bwd_grads(
+    q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
+    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    cs_ptr, ns_ptr, ms_ptr,  # forward chunk states
+    den_ptr, mi_ptr, dden_ptr,  # (B, NH, S) fp32
+    dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
+    dq_ptr, dk_ptr, dv_ptr,  # outputs, input dtype
+    qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
+    NH, S, NC, eps,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+        ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+    m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
+    m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
+    m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
+    den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
+    dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
+    rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
+    s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
+    w = tl.where(valid & (doc == doc_last), tl.exp(b_last - b + ig - m_next), 0.0)
+    P = tl.exp(_intra_logits(b, ig, doc, valid, L) - m_i[:, None])
+    rows = (bh * S + offs)[:, None]
+    qkv_mask = valid[:, None]
+
+    qk = tl.zeros((L, L), dtype=tl.float32)
+    dhv = tl.zeros((L, L), dtype=tl.float32)
+    for kb in tl.static_range(DQK // BK):
+        ok = kb * BK + tl.arange(0, BK)
+        q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+        k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    for vb in tl.static_range(DV // BV):
+        ov = vb * BV + tl.arange(0, BV)
+        dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+        v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+        dhv += tl.dot(dh, tl.trans(v), input_precision=PREC)
+    Smat = qk * P  # S_ij = q_i.k_j P_ij
+    dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
+
+    qdq = tl.zeros((L,), dtype=tl.float32)
+    kdk = tl.zeros((L,), dtype=tl.float32)
+    for kb in tl.static_range(DQK // BK):
+        ok = kb * BK + tl.arange(0, BK)
+        q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+        k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+        n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+        dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+        dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
+        dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
+        dq_inter = tl.zeros((L, BK), dtype=tl.float32)
+        dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+        for vb in tl.static_range(DV // BV):
+            ov = vb * BV + tl.arange(0, BV)
+            dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+            v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+            C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+            dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+            dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+            dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+        dq += (s_inter * rz)[:, None] * dq_inter
+        dk += w[:, None] * (dk_inter + dn[None, :])
+        tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+        tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+        qdq += tl.sum(q.to(tl.float32) * dq, 1)
+        kdk += tl.sum(k.to(tl.float32) * dk, 1)
+    tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
+    tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
+
+    for vb in tl.static_range(DV // BV):
+        ov = vb * BV + tl.arange(0, BV)
+        dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+        dnum = (dh.to(tl.float32) * rz[:, None]).to(dh.dtype)
+        dv = tl.dot(tl.trans(Smat).to(dh.dtype), dnum, input_precision=PREC)
+        dv_inter = tl.zeros((L, BV), dtype=tl.float32)
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+            dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+            dv_inter += tl.dot(k, dC.to(k.dtype), input_precision=PREC)
+        dv += w[:, None] * dv_inter
+        tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
+
+
+def _config(DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None) -> dict:
+    for d in (DQK, DV):
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
+    L = chunk_size or 64
+    if L < 16 or L & (L - 1):
+        raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
+    return dict(L=L, BK=min(64, DQK), PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
+    """sum_{t >= s, t in the document of s} x_t for x (B,NH,S), doc (B,S); float64 against cancellation."""
+    rev = x.double().flip(-1).cumsum(-1).flip(-1)
+    B, S = doc.shape
+    pos = torch.arange(S, device=doc.device)
+    starts = torch.where(doc[:, 1:] != doc[:, :-1], pos[1:], S)  # (B, S-1): t if a document starts at t
+    after = torch.cat([starts, torch.full((B, 1), S, device=doc.device)], 1)  # first start > s, candidates
+    next_start = after.flip(-1).cummin(-1).values.flip(-1)  # (B, S)
+    rev = torch.cat([rev, torch.zeros_like(rev[..., :1])], -1)
+    return rev[..., :S] - rev.gather(-1, next_start[:, None].expand(-1, x.shape[1], -1))
+
+
+class _MLSTMChunkwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size):
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        cfg = _config(DQK, DV, q.dtype, chunk_size)
+        L, BK = cfg["L"], cfg["BK"]
+        NC = triton.cdiv(S, L)
+        dev = q.device
+        ig = igate.float().contiguous()
+        lf = F.logsigmoid(fgate.float()).contiguous()
+        cs = torch.empty(B * NH, NC, DQK, DV, device=dev, dtype=q.dtype)
+        ns = torch.empty(B * NH, NC, DQK, device=dev, dtype=torch.float32)
+        ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
+        Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
+        nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
+        BVs = min(64, DV)
+        _fwd_states[(B * NH, DQK // BK, DV // BVs)](
+            k, v, ig, lf, doc, C0, n0, m0, cs, ns, ms, Cf, nf, NH, S, NC,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVs, PREC=cfg["PREC"], num_warps=4)
+        h = torch.empty_like(v, dtype=q.dtype)
+        den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
+        mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
+        BVo = min(128, DV)
+        _fwd_output[(NC, B * NH, DV // BVo)](
+            q, k, v, ig, lf, doc, cs, ns, ms, h, den, mi, NH, S, NC, eps,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVo, PREC=cfg["PREC"], num_warps=8 if L * BVo > 4096 else 4)
+        ctx.save_for_backward(q, k, v, ig, lf, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
+        ctx.cfg, ctx.eps = cfg, eps
+        mf = ms.view(B, NH, NC + 1)[..., NC].clone()
+        ctx.mark_non_differentiable(mf)
+        return h, Cf, nf, mf
+
+    @staticmethod
+    def backward(ctx, dh, dCf, dnf, _dmf):
+        q, k, v, ig, lf, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
+        cfg, eps = ctx.cfg, ctx.eps
+        L, BK = cfg["L"], cfg["BK"]
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        NC = ms.shape[1] - 1
+        dh = dh.to(q.dtype).contiguous()
+        has_dstate = dCf is not None or dnf is not None
+        dCf = torch.zeros_like(Cf) if dCf is None else dCf.float().contiguous()
+        dnf = torch.zeros_like(nf) if dnf is None else dnf.float().contiguous()
+        dcs = torch.empty_like(cs)
+        dns = torch.empty_like(ns)
+        dC0 = torch.empty_like(Cf)
+        dn0 = torch.empty_like(nf)
+        dden = torch.empty_like(den)
+        BV = min(64, DV)
+        _bwd_states[(B * NH, DQK // BK, DV // BV)](
+            q, h, dh, ig, lf, doc, ms, den, mi, dCf, dnf, dcs, dns, dC0, dn0, dden, NH, S, NC, eps,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=cfg["PREC"], num_warps=4)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        qdq = torch.empty_like(den)
+        kdk = torch.empty_like(den)
+        _bwd_grads[(NC, B * NH)](
+            q, k, v, dh, ig, lf, doc, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
+            NH, S, NC, eps, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=cfg["PREC"], num_warps=8)
+        dig, dfg = _gate_grads(qdq, kdk, doc, fgate, (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)
+                               if has_dstate else None)
+        return dq, dk, dv, dig.to(ig.dtype), dfg, dC0, dn0, None, None, None, None
+
+
+def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: Tensor | None):
+    """Gate gradients from q.dq and k.dk per position (B,NH,S).
+
+    Every key enters the outputs and states as k_j exp(igate_j - b_j) and every query as q_i exp(b_i), with
+    b the cumulative log forget gate, so dL/digate_j = k_j.dk_j and dL/db_t = q_t.dq_t - k_t.dk_t (+ C.dC +
+    n.dn of the final state at the last position). logsigmoid(fgate_s) enters every b_t with t >= s; within
+    other documents those terms cancel exactly, so the sum runs over t >= s in the document of s, and the
+    forget gate at a document start (where the state resets) gets no gradient."""
+    db = qdq - kdk
+    if d_final is not None:
+        db[..., -1] += d_final
+    dlf = _segment_reverse_cumsum(db, doc)
+    starts = torch.zeros_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    dlf = dlf.masked_fill(starts[:, None], 0.0)
+    dfg = (dlf * torch.sigmoid(-fgate.double())).to(fgate.dtype)
+    return kdk, dfg
+
+
+def mlstm_triton(
+    q: Tensor,  # (B, NH, S, DQK)
+    k: Tensor,  # (B, NH, S, DQK)
+    v: Tensor,  # (B, NH, S, DV)
+    igate: Tensor,  # (B, NH, S)
+    fgate: Tensor,  # (B, NH, S)
+    *,
+    segment_ids: Tensor | None = None,  # (B, S)
+    initial_state: MLSTMState | None = None,
+    chunk_size: int | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, MLSTMState]:
+    """Chunkwise Triton mLSTM: h (B,NH,S,DV) in q's dtype (bf16/fp16/fp32) and the final fp32 state.
+
+    Semantics as reference.mlstm_chunkwise; backward: m constant, everything else (n included) exact."""
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    gates_ok = igate.shape == (B, NH, S) and fgate.shape == (B, NH, S)
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or not gates_ok:
+        raise ValueError(f"mlstm triton: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"igate {tuple(igate.shape)} fgate {tuple(fgate.shape)}")
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    doc = document_index(segment_ids, B, S, q.device).to(torch.int32).contiguous()
+    if initial_state is None:
+        initial_state = mlstm_fresh_state(B, NH, DQK, DV, q.device)
+    C0, n0, m0 = (x.float().contiguous() for x in initial_state)
+    h, Cf, nf, mf = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate, fgate,
+                                          C0, n0, m0.detach(), doc, eps, chunk_size)
+    return h, (Cf, nf, mf)
