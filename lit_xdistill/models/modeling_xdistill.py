@@ -1,0 +1,197 @@
+"""The hybrid xLSTM student as a transformers model.
+
+``XDistillForCausalLM`` wraps a CausalLM of the teacher's own architecture (``self.backbone``) whose
+attention modules call the hybrid mixer (see ``mixer.py``). Everything but the mixer is the teacher's
+code and, after ``student_from_teacher``, the teacher's weights, bit for bit.
+
+Inputs beyond the usual ones: ``segment_ids`` (B, S) marks packed documents (the mLSTM state and the
+attention masks reset where it changes) and ``position_ids`` restart per document. Without them, an
+``attention_mask`` with left padding is turned into two documents (padding, then the text), so a padded
+row gives the same logits as the row alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..teachers.families import adapter_for
+from .cache import HybridCache
+from .configuration_xdistill import XDistillConfig
+from .mixer import ATTENTION_NAME, HybridMixer, MixerContext, attach_mixer, cache_doc_len, head_layout
+
+__all__ = ["XDistillForCausalLM", "XDistillOutput", "student_from_teacher", "document_positions"]
+
+
+@dataclass
+class XDistillOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the per-layer alignment losses of stage I (layer -> MSE)."""
+
+    align_losses: dict[int, Tensor] | None = None
+
+
+def document_positions(segment_ids: Tensor) -> Tensor:
+    """Position of every token within its document: (B, S) ids -> (B, S) positions restarting at 0."""
+    B, S = segment_ids.shape
+    idx = torch.arange(S, device=segment_ids.device).expand(B, S)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+class XDistillPreTrainedModel(PreTrainedModel):
+    """Base class: config class, checkpointing flags and init of the new mixer parameters."""
+
+    config_class = XDistillConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, HybridMixer):
+            module.reset_parameters()
+
+
+class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
+    """Hybrid xLSTM student (mLSTM + sliding-window attention with sinks in every layer).
+
+    Args:
+        config: an ``XDistillConfig`` holding the teacher's config and the mixer settings.
+    """
+
+    def __init__(self, config: XDistillConfig):
+        super().__init__(config)
+        from .mixer import register_attention_function
+
+        register_attention_function()
+        inner = config.inner_config()
+        self.backbone = AutoModelForCausalLM.from_config(inner, attn_implementation=ATTENTION_NAME)
+        adapter = adapter_for(inner)
+        num_heads, head_dim = head_layout(inner)
+        for idx, (layer, kind) in enumerate(zip(adapter.decoder_layers(self.backbone), config.layer_mixers())):
+            mixer = HybridMixer(config, kind, inner.hidden_size, num_heads, head_dim, idx)
+            attach_mixer(adapter.attention(layer), mixer)
+        self.post_init()
+
+    # -- plumbing that generate(), lm-eval and tied weights rely on -------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder blocks (what FSDP wraps and activation checkpointing recomputes)."""
+        return adapter_for(self.backbone.config).decoder_layers(self.backbone)
+
+    def mixers(self) -> list[HybridMixer]:
+        """The hybrid mixers, one per layer."""
+        return [m for m in self.modules() if isinstance(m, HybridMixer)]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own constant-size cache (HybridCache)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, cache: HybridCache | None = None,
+                                      attention_mask: Tensor | None = None, use_cache: bool = True,
+                                      **kwargs) -> dict:
+        if cache is not None and not cache.is_empty:
+            input_ids = input_ids[:, cache.seen_tokens :]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        cache: HybridCache | None = None,
+        use_cache: bool | None = None,
+        labels: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        align: bool = False,
+        **kwargs,
+    ) -> XDistillOutput:
+        """Causal LM forward.
+
+        Args:
+            input_ids: (B, S) token ids.
+            attention_mask: (B, S) 1 for tokens, 0 for padding (left or right); used only when no
+                ``segment_ids`` are given and no cache is being continued.
+            position_ids: (B, S) RoPE positions; derived from the documents when omitted.
+            segment_ids: (B, S) document ids of packed sequences.
+            cache: a ``HybridCache`` to continue; created when ``use_cache`` and none is given.
+            use_cache: return a cache for decoding.
+            labels: (B, S) HF-style labels (shifted inside), -100 ignored.
+            inputs_embeds: (B, S, hidden) instead of input_ids.
+            logits_to_keep: keep logits of the last N positions only (0: all).
+            align: stage I mode: every layer passes the teacher's attention output on and records the
+                MSE of the student mixer against it in ``align_losses``.
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, S = ref.shape[:2]
+        if use_cache and cache is None:
+            cache = HybridCache(batch_size=B)
+        continuing = cache is not None and not cache.is_empty
+        if continuing:
+            # generate() and chunked prefill: the new tokens continue each row's current document
+            segment_ids = None
+            if position_ids is None:
+                position_ids = cache.doc_len[:, None] + torch.arange(S, device=ref.device)
+        else:
+            if segment_ids is None and attention_mask is not None and not bool(attention_mask.all()):
+                segment_ids = attention_mask.long()
+            if position_ids is None:
+                position_ids = (document_positions(segment_ids) if segment_ids is not None
+                                else torch.arange(S, device=ref.device).expand(B, S))
+        ctx = MixerContext(segment_ids=segment_ids, cache=cache, align=align)
+        out = self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+            xdistill_ctx=ctx,
+            **kwargs,
+        )
+        if cache is not None:
+            new_len = cache.doc_len + S if continuing else cache_doc_len(segment_ids, ref.new_empty(B, 1, S))
+            cache.advance(new_len, S)
+        return XDistillOutput(loss=out.loss, logits=out.logits, cache=cache,
+                              align_losses=ctx.align_losses if align else None)
+
+
+def student_from_teacher(teacher: PreTrainedModel, teacher_identity: str | None = None,
+                         **mixer_options) -> XDistillForCausalLM:
+    """Convert a teacher CausalLM into a hybrid student with the teacher's weights copied bit for bit.
+
+    Args:
+        teacher: a transformers CausalLM of a supported family (see ``lit_xdistill.teachers.FAMILIES``).
+        teacher_identity: the teacher's ``TeacherSpec.identity``, recorded for stage hand-off checks.
+        **mixer_options: any ``XDistillConfig`` mixer argument (``mixer``, ``window``, ``n_sinks``, ...).
+    """
+    adapter_for(teacher.config)  # fail fast with the list of supported families
+    config = XDistillConfig(teacher_config=teacher.config.to_dict(), teacher_identity=teacher_identity,
+                            **mixer_options)
+    student = XDistillForCausalLM(config).to(dtype=teacher.dtype)
+    missing, unexpected = student.backbone.load_state_dict(teacher.state_dict(), strict=False)
+    unexpected = [k for k in unexpected if "rotary_emb" not in k]
+    missing = [k for k in missing if ".xdistill_mixer." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"teacher -> student weight copy mismatch: missing={missing} unexpected={unexpected}")
+    # The backbone's own _init_weights also visits the attached mixers (as plain Linears); set the
+    # documented initial values last.
+    for mixer in student.mixers():
+        mixer.reset_parameters()
+    return student.to(teacher.device)
