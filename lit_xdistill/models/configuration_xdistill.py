@@ -87,6 +87,9 @@ class XDistillConfig(PretrainedConfig):
     def inner_config(self) -> PretrainedConfig:
         """The teacher-architecture config the student's backbone is built from."""
         params = dict(self.teacher_config)
+        # dtype is decided by whoever builds or loads the student, not by the teacher's checkpoint
+        params.pop("dtype", None)
+        params.pop("torch_dtype", None)
         return AutoConfig.for_model(params.pop("model_type"), **params)
 
     def layer_mixers(self) -> list[str]:

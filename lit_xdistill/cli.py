@@ -1,0 +1,109 @@
+"""``lit-xdistill``: LightningCLI for the stages, plus plain subcommands around them.
+
+    lit-xdistill fit --config configs/align.yaml                  # stage I
+    lit-xdistill fit --config configs/kd.yaml                     # stage II
+    lit-xdistill fit --config configs/kd.yaml --config configs/teachers/gemma3-270m.yaml
+    lit-xdistill cache_logits --config configs/kd.yaml --out_dir runs/cache   # teacher top-k, once
+    lit-xdistill export --config configs/kd.yaml --ckpt_path last.ckpt --out_dir runs/student
+    lit-xdistill wintie TEACHER.json STUDENT.json --plot curve.png
+    lit-xdistill evaluate --student runs/kd/student --teacher smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import DistillDataModule
+from .modules import StudentModule
+
+__all__ = ["XDistillCLI", "main"]
+
+
+class XDistillCLI(LightningCLI):
+    """LightningCLI with the stage modules as subclasses of ``StudentModule`` and our data module."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            model_class=StudentModule,
+            subclass_mode_model=True,
+            datamodule_class=DistillDataModule,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+            },
+            parser_kwargs={"default_env": False},
+            args=args,
+            run=run,
+        )
+
+
+def _build(config: list[str]) -> XDistillCLI:
+    args: list[str] = []
+    for path in config:
+        args += ["--config", path]
+    return XDistillCLI(args=args, run=False)
+
+
+def cache_logits(config: list[str], out_dir: str, k: int = 256, batch_size: int = 8, device: str = "auto",
+                 split: str = "train") -> Path:
+    """Run the teacher once over a stage's data and write its top-k next-token log-probs.
+
+    Args:
+        config: the stage config file(s) (as given to ``fit --config``): teacher and data are taken from them.
+        out_dir: folder to write (``<out_dir>/<split>``); point ``data.logit_cache`` at ``out_dir``.
+        k: teacher tokens kept per position.
+        batch_size: blocks per teacher forward pass.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+        split: ``train`` or ``val``.
+    """
+    import torch
+
+    from .data.logit_cache import write_topk_cache
+    from .models import student_from_teacher
+
+    cli = _build(config)
+    spec = cli.model.teacher_spec
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    teacher = student_from_teacher(spec.load_model(), spec.identity, mixer="attention").to(dev).eval()
+    return write_topk_cache(teacher, cli.datamodule, str(Path(out_dir) / split), k=k, batch_size=batch_size,
+                            teacher_identity=spec.identity, device=dev, split=split)
+
+
+def export(config: list[str], ckpt_path: str, out_dir: str) -> Path:
+    """Export the student of a Lightning checkpoint as a plain HF folder.
+
+    Args:
+        config: the stage config file(s) the checkpoint was trained with.
+        ckpt_path: the ``.ckpt`` file.
+        out_dir: folder to write (weights, config, tokenizer).
+    """
+    cli = _build(config)
+    cli.model.student_options.init_from = ckpt_path
+    cli.model.configure_model()
+    path = cli.model.export(out_dir)
+    print(f"[lit-xdistill] exported {ckpt_path} to {path}")
+    return path
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lit-xdistill`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    from .eval.commands import evaluate, wintie
+
+    extra = {"cache_logits": cache_logits, "export": export, "wintie": wintie, "evaluate": evaluate}
+    if argv and argv[0] in extra:
+        from jsonargparse import auto_cli
+
+        auto_cli(extra, args=argv)
+        return
+    XDistillCLI(args=args)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

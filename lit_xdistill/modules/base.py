@@ -1,0 +1,213 @@
+"""What every stage shares: building or loading the student, optimiser schedule, logging, export."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..models import XDistillForCausalLM, student_from_teacher
+from ..teachers import TeacherSpec
+
+__all__ = ["StudentOptions", "StudentModule", "StageHandoffError", "load_student"]
+
+
+class StageHandoffError(ValueError):
+    """A previous stage's result does not fit this run (other teacher, other architecture)."""
+
+
+@dataclass
+class StudentOptions:
+    """How the student is obtained.
+
+    Args:
+        init_from: a previous stage's result: an exported student folder (``config.json`` +
+            safetensors) or a Lightning ``.ckpt``. None: convert the teacher afresh.
+        mixer: mixer kind for every layer (``hybrid``, ``mlstm``, ``swa``, ``linear``, ``attention``)
+            or a list with one kind per layer.
+        window: sliding-window size of the attention branch.
+        n_sinks: number of attention-sink tokens per document.
+        feature_map: ``softmax_pm`` or ``softmax``.
+        mlstm_backend: ``auto``, ``triton``, ``chunkwise``, ``parallel`` or ``recurrent``.
+        attention_backend: ``auto``, ``flex`` or ``sdpa``.
+        gradient_checkpointing: recompute decoder blocks in the backward pass to save memory.
+    """
+
+    init_from: str | None = None
+    mixer: str | list[str] = "hybrid"
+    window: int = 512
+    n_sinks: int = 4
+    feature_map: str = "softmax_pm"
+    mlstm_backend: str = "auto"
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def mixer_options(self) -> dict:
+        opts = asdict(self)
+        for key in ("init_from", "gradient_checkpointing"):
+            opts.pop(key)
+        return opts
+
+
+def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> XDistillForCausalLM:
+    """Load a previous stage's student and check it was distilled from ``teacher``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"init_from={source}: no config.json (expected an exported student folder)")
+        student = XDistillForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif path.suffix == ".ckpt" and path.is_file():
+        student = student_from_teacher(teacher.load_model(), teacher.identity, **options.mixer_options()).float()
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise StageHandoffError(
+                f"init_from={source}: checkpoint does not match the student architecture "
+                f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); use the same student options "
+                "(mixer, window, feature_map) as the run that wrote it."
+            )
+    else:
+        raise FileNotFoundError(f"init_from={source}: not an exported student folder nor a .ckpt file")
+    found = student.config.teacher_identity
+    if found != teacher.identity:
+        raise StageHandoffError(
+            f"init_from={source} was distilled from teacher {found!r}, but this run's teacher is "
+            f"{teacher.identity!r}. Point init_from at a result of the same teacher, or change model.teacher."
+        )
+    return student
+
+
+def warmup_then(step: int, warmup: int, total: int, decay: str, final_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then constant or cosine to ``final_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StudentModule(L.LightningModule):
+    """Base of the stage modules: owns ``self.student`` (an ``XDistillForCausalLM``).
+
+    Args:
+        teacher: the teacher to distill (built-in name, folder, GGUF file or hub name).
+        student: how to build or where to load the student.
+        lr: peak learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        export_dir: write the trained student as a plain HF folder here at the end of ``fit``.
+    """
+
+    lr_decay = "constant"
+    final_lr_ratio = 1.0
+
+    def __init__(self, teacher: TeacherSpec | None = None, student: StudentOptions | None = None, lr: float = 1e-3,
+                 warmup_steps: int = 10, weight_decay: float = 0.0, export_dir: str | None = None):
+        super().__init__()
+        self.teacher_spec = teacher or TeacherSpec()
+        self.student_options = student or StudentOptions()
+        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
+        self.export_dir = export_dir
+        self.student: XDistillForCausalLM | None = None
+        self._tokenizer = None
+        self._step_clock: float | None = None
+        self.save_hyperparameters()
+
+    # -- model ------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the student once (Lightning calls this before restoring checkpoints, also under FSDP)."""
+        if self.student is not None:
+            return
+        opts = self.student_options
+        if opts.init_from:
+            student = load_student(opts.init_from, self.teacher_spec, opts)
+            self.print(f"[lit-xdistill] student loaded from {opts.init_from}")
+        else:
+            teacher = self.teacher_spec.load_model()
+            student = student_from_teacher(teacher, self.teacher_spec.identity, **opts.mixer_options()).float()
+            self.print("[lit-xdistill] no stage-I result given (student.init_from): starting from a freshly "
+                       "converted student")
+        if opts.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        self.student = student
+        self.select_trainable()
+
+    def select_trainable(self) -> None:
+        """Set ``requires_grad`` on the parameters this stage trains (all by default)."""
+        self.student.requires_grad_(True)
+
+    @property
+    def tokenizer(self):
+        """The teacher's tokenizer (the student shares it)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.teacher_spec.load_tokenizer()
+        return self._tokenizer
+
+    def student_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: batch[k] for k in ("input_ids", "segment_ids", "position_ids")}
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # biases and norms are not decayed
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=(0.9, 0.95),
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = partial(warmup_then, warmup=max(1, self.warmup_steps), total=total, decay=self.lr_decay,
+                           final_ratio=self.final_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- logging ----------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.student.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._step_clock), on_step=True)
+        self._step_clock = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        if torch.cuda.is_available():
+            self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
+
+    # -- export -----------------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the student (weights, config, tokenizer) as a plain HF folder, atomically."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            self.student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            path = self.export(self.export_dir)
+            self.print(f"[lit-xdistill] student exported to {path}")
+        if self.export_dir:
+            self.trainer.strategy.barrier("export")

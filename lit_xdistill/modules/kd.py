@@ -1,0 +1,85 @@
+"""Stage II: knowledge distillation with 0.9 CE + 0.1 top-k KL, from a logit cache or a live teacher."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models import XDistillForCausalLM, student_from_teacher
+from ..teachers import TeacherSpec
+from .base import StudentModule, StudentOptions
+from .losses import kd_loss, topk_logprobs
+
+__all__ = ["KDModule"]
+
+
+class KDModule(StudentModule):
+    """Stage II (METHOD.md): full fine-tuning of the student against the teacher's top-k distribution.
+
+    The teacher comes from the batch (``topk_ids``/``topk_logprobs``, written once by
+    ``lit-xdistill cache_logits`` and attached by the DataModule's ``logit_cache``) or, when the batch
+    has none, from a live frozen teacher held outside the checkpoint. Loss and its KL convention:
+    ``lit_xdistill.modules.losses``.
+
+    Args:
+        teacher: the teacher to distill.
+        student: how to build or where to load the student (``init_from``: the stage-I export).
+        lr: learning rate after warm-up (paper: 1e-5, constant).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay (paper: 0.1).
+        ce_weight: weight of the next-token cross-entropy (paper: 0.9).
+        kl_weight: weight of KL(teacher || student) on the top-k (paper: 0.1).
+        top_k: teacher tokens kept per position for a live teacher (the cache fixes its own k).
+        train_params: ``all`` (paper) or ``mixer`` (only the new mixer parameters).
+        export_dir: write the distilled student here at the end of ``fit``.
+    """
+
+    def __init__(self, teacher: TeacherSpec | None = None, student: StudentOptions | None = None, lr: float = 1e-5,
+                 warmup_steps: int = 100, weight_decay: float = 0.1, ce_weight: float = 0.9, kl_weight: float = 0.1,
+                 top_k: int = 256, train_params: str = "all", export_dir: str | None = None):
+        super().__init__(teacher, student, lr, warmup_steps, weight_decay, export_dir)
+        if train_params not in ("all", "mixer"):
+            raise ValueError(f"train_params must be 'all' or 'mixer', got {train_params!r}")
+        if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight == 0:
+            raise ValueError(f"ce_weight and kl_weight must be >= 0 and not both 0 (got {ce_weight}, {kl_weight})")
+        self.ce_weight, self.kl_weight, self.top_k, self.train_params = ce_weight, kl_weight, top_k, train_params
+        self._live_teacher: XDistillForCausalLM | None = None  # not a submodule: kept out of checkpoints
+
+    def select_trainable(self) -> None:
+        self.student.requires_grad_(self.train_params == "all")
+        for mixer in self.student.mixers():
+            mixer.requires_grad_(True)
+
+    def live_teacher(self) -> XDistillForCausalLM:
+        """The frozen teacher, wrapped so that packed documents are masked like in the student."""
+        if self._live_teacher is None:
+            hf = self.teacher_spec.load_model()
+            wrapped = student_from_teacher(hf, self.teacher_spec.identity, mixer="attention")
+            self._live_teacher = wrapped.requires_grad_(False).eval()
+        return self._live_teacher.to(self.device)
+
+    def teacher_topk(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Teacher top-k ids and log-probs for the batch: from the cache if present, else computed live."""
+        if "topk_ids" in batch:
+            return batch["topk_ids"], batch["topk_logprobs"]
+        with torch.no_grad():
+            logits = self.live_teacher()(**self.student_inputs(batch)).logits
+            ids, lps = topk_logprobs(logits.flatten(0, 1), self.top_k)
+        shape = (*logits.shape[:2], self.top_k)
+        return ids.view(shape), lps.view(shape)
+
+    def _losses(self, batch: dict[str, Tensor]):
+        topk_ids, topk_lp = self.teacher_topk(batch)
+        logits = self.student(**self.student_inputs(batch)).logits
+        return kd_loss(logits, batch["labels"], topk_ids, topk_lp, self.ce_weight, self.kl_weight)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self._losses(batch)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({"train/ce": out.ce, "train/kl": out.kl})
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self._losses(batch)
+        self.log_dict({"val/loss": out.loss, "val/ce": out.ce, "val/kl": out.kl, "val/ppl": out.ce.exp()},
+                      prog_bar=True, sync_dist=True)
