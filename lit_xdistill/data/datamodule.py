@@ -126,8 +126,15 @@ class ResumableDataLoader(DataLoader):
                 "repeated or skipped at the resume point.",
                 stacklevel=2,
             )
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip = consumed // self.sampler.num_replicas
+        skip = consumed // self.sampler.num_replicas
+        if skip >= len(self.sampler):
+            # Saved after the epoch's last batch: Lightning goes on with the next epoch on the
+            # iterator it creates now, so that iterator must already be the next epoch's.
+            self.sampler.set_epoch(state["epoch"] + 1)
+            self.sampler.skip = 0
+        else:
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip = skip
 
 
 class DistillDataModule(L.LightningDataModule):
