@@ -154,8 +154,9 @@ class DistillDataModule(L.LightningDataModule):
         seed: seed of the per-epoch block order.
         num_workers: DataLoader worker processes.
         cache_dir: folder of the token cache (tokenised once per tokenizer + sources).
-        logit_cache: folder written by ``write_topk_cache`` (``<folder>/train``, optional
-            ``<folder>/val``); batches then carry ``topk_ids`` and ``topk_logprobs``.
+        logit_cache: a training-split cache written by ``write_topk_cache``, or a folder holding
+            ``train/`` (and optionally ``val/``) caches; batches then carry ``topk_ids`` and
+            ``topk_logprobs``.
         logit_cache_teacher: when set, the logit cache must have been written by this teacher identity.
         max_context: the teacher's context length; a larger ``seq_len`` is refused.
     """
@@ -353,22 +354,28 @@ class DistillDataModule(L.LightningDataModule):
             self._attach_logit_cache(Path(self.logit_cache))
 
     def _attach_logit_cache(self, root: Path) -> None:
-        if not (root / "train").is_dir():
+        """``root`` is one split's cache (used for train) or holds ``train/`` and optionally ``val/``."""
+        folders = (
+            {"train": root}
+            if (root / "manifest.json").is_file()
+            else {split: root / split for split in ("train", "val") if (root / split).is_dir()}
+        )
+        if "train" not in folders:
             raise FileNotFoundError(
-                f"logit_cache={root} holds no train/ cache: write it with "
-                "lit_xdistill.data.write_topk_cache(..., split='train') first."
+                f"logit_cache={root} is neither a logit cache nor a folder with a train/ cache: write it "
+                "with `lit-xdistill cache_logits` (lit_xdistill.data.write_topk_cache) first."
             )
-        for split in ("train", "val"):
-            if (root / split).is_dir():
-                cache = TopKLogitCache(root / split)
-                cache.validate(
-                    tokenizer_fingerprint=self.tokenizer_fingerprint,
-                    seq_len=self.seq_len,
-                    data_fingerprint=self.data_fingerprint(split),
-                    num_blocks=len(self.datasets[split]),
-                    teacher=self.logit_cache_teacher,
-                )
-                self.datasets[split].topk = cache
+        for split, folder in folders.items():
+            cache = TopKLogitCache(folder)
+            cache.validate(
+                split=split,
+                tokenizer_fingerprint=self.tokenizer_fingerprint,
+                data_fingerprint=self.data_fingerprint(split),
+                seq_len=self.seq_len,
+                num_blocks=len(self.datasets[split]),
+                teacher=self.logit_cache_teacher,
+            )
+            self.datasets[split].topk = cache
 
     # --- loaders -----------------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:

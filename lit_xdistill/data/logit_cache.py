@@ -1,17 +1,19 @@
 """Teacher top-k logit cache: run the teacher once over all blocks, read its top-k in stage II.
 
-Layout of ``<out_dir>/<split>/`` (one folder per split):
+One folder per split (``write_topk_cache(..., out_dir)`` writes exactly ``out_dir``; the data module's
+``logit_cache`` takes such a folder, or a root holding ``train/`` and optionally ``val/``):
 
 * ``shard-00000.safetensors`` ...: ``topk_ids`` int32 (n, S, k) and ``topk_logprobs`` float16 (n, S, k)
-  for n consecutive blocks of the split (dataset order, not epoch order). Log-probs are
-  ``log_softmax`` over the FULL vocabulary computed in float32, then stored as float16 (values lie in
-  [-65504, 0]; absolute error below 1e-3 for log-probs above -2, about 1e-2 at -20), sorted best first.
-* ``manifest.json``: teacher identity, tokenizer and data fingerprints, seq_len, k, vocab size, number of
-  blocks, and per shard its file, first block, block count, size in bytes and sha256.
+  for n consecutive blocks of the split (dataset order, not epoch order), best first. Log-probs are
+  ``log_softmax`` over the FULL vocabulary computed in float32, then rounded to float16: relative error
+  at most 2**-11 of the value (under 5e-4 for log-probs in [-1, 0], under 8e-3 at -20), and
+  ``exp`` of them sums to at most 1 over the k tokens (up to that rounding).
+* ``manifest.json``: teacher identity, tokenizer and data fingerprints, split, seq_len, k, vocab size,
+  number of blocks, and per shard its file, first block, block count, size in bytes and sha256.
 
-Writing is atomic and resumable: shards go to ``<out_dir>/.<split>.partial/`` (each shard written under
-a temporary name, then renamed, then recorded in ``progress.json``); an interrupted write continues from
-its last finished shard; the folder is renamed to ``<split>/`` only once the manifest is written.
+Writing is atomic and resumable: shards go to a sibling ``.<name>.partial/`` folder (each shard written
+under a temporary name, renamed, then recorded in ``progress.json``); an interrupted write continues
+from its last finished shard; the folder gets its final name only once the manifest is in it.
 The reader refuses a cache whose manifest does not match the data module and detects truncated or
 altered shards (size at open, sha256 on first use).
 """
@@ -95,6 +97,7 @@ def write_topk_cache(
     teacher_identity: str,
     device: str = "cpu",
     split: str = "train",
+    blocks_per_shard: int | None = None,
 ) -> Path:
     """Run ``teacher`` once over every block of ``split`` and store its top-k next-token log-probs.
 
@@ -102,15 +105,16 @@ def write_topk_cache(
         teacher: called as ``teacher(input_ids=, position_ids=, segment_ids=)``, returning an object with
             ``.logits`` (B, S, V); it must keep documents apart using ``segment_ids``.
         datamodule: the data module whose blocks are scored (``prepare_data`` is run if needed).
-        out_dir: the cache root; this split goes to ``<out_dir>/<split>/``.
+        out_dir: the folder to write this split's cache to (e.g. ``runs/kd/logits/train``).
         k: how many top tokens to keep per position (the paper uses 256).
         batch_size: blocks per teacher forward.
         teacher_identity: a string naming the teacher (e.g. ``TeacherSpec.identity``), checked by readers.
         device: where the teacher runs.
         split: ``train``, ``val`` or ``heldout``.
+        blocks_per_shard: blocks per shard file; None aims at about 256 MiB per shard.
 
     Returns:
-        The finished cache folder ``<out_dir>/<split>``.
+        The finished cache folder ``out_dir``.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -133,8 +137,8 @@ def write_topk_cache(
         "logprob_dtype": "float16",
         "ids_dtype": "int32",
     }
-    root = Path(out_dir)
-    target, partial = root / split, root / f".{split}.partial"
+    target = Path(out_dir)
+    partial = target.with_name(f".{target.name}.partial")
     if (target / "manifest.json").is_file():
         existing = json.loads((target / "manifest.json").read_text())
         if {name: existing.get(name) for name in key} == key:
@@ -145,9 +149,9 @@ def write_topk_cache(
         )
     shards = _resume_progress(partial, key)
     block_bytes = datamodule.seq_len * k * (4 + 2)
-    per_shard = max(1, _SHARD_BYTES // block_bytes)
+    per_shard = blocks_per_shard or max(1, _SHARD_BYTES // block_bytes)
     done = sum(shard["num_blocks"] for shard in shards)
-    _check_disk(root, (len(dataset) - done) * block_bytes)
+    _check_disk(target.parent, (len(dataset) - done) * block_bytes)
 
     teacher.eval().to(device)
     bar = tqdm(total=len(dataset), initial=done, desc=f"teacher top-{k} ({split})", unit=" blocks")
@@ -249,14 +253,17 @@ class TopKLogitCache:
     def validate(
         self,
         *,
+        split: str,
         tokenizer_fingerprint: str,
         data_fingerprint: str,
         seq_len: int,
         num_blocks: int,
         teacher: str | None = None,
     ) -> None:
-        """Refuse (naming the mismatch) a cache written for another tokenizer, data, seq_len or teacher."""
+        """Refuse (naming the mismatch) a cache written for another split, tokenizer, data, seq_len or
+        teacher (``teacher=None`` skips the teacher check)."""
         expected = {
+            "split": split,
             "seq_len": seq_len,
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "data_fingerprint": data_fingerprint,
