@@ -20,27 +20,35 @@ docs/kernels.md derives the formulas and counts FLOPs and bytes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import MLSTMState, document_index, mlstm_fresh_state
+from .reference import FRESH_M as _FRESH_M
+from .reference import MLSTMState, document_index
+
+FRESH_M = tl.constexpr(_FRESH_M)  # m of the fresh state, a compile-time constant inside the kernels
 
 
 @triton.jit
-def _chunk_gates(ig_ptr, lf_ptr, doc_ptr, c, S, L: tl.constexpr):
+def _chunk_gates(ig_ptr, fg_ptr, doc_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.constexpr):
     """Per-position scalars of chunk c (pointers already at this row): cumulative log forget b (L,), igate
     (L,), document index (L,; -1 past S), validity, and the documents of the incoming state and of the last
-    position."""
+    position. Without documents every valid position is in document 0."""
     offs = c * L + tl.arange(0, L)
     valid = offs < S
-    lf = tl.load(lf_ptr + offs, mask=valid, other=0.0)
-    ig = tl.load(ig_ptr + offs, mask=valid, other=0.0)
-    doc = tl.load(doc_ptr + offs, mask=valid, other=-1)
+    fg = tl.load(fg_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ig = tl.load(ig_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    lf = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)  # logsigmoid
     b = tl.cumsum(lf, 0)
-    doc_prev = tl.load(doc_ptr + tl.maximum(c * L - 1, 0))  # position 0 continues the initial state
-    doc_last = tl.load(doc_ptr + tl.minimum(c * L + L, S) - 1)
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + offs, mask=valid, other=-1)
+        doc_prev = tl.load(doc_ptr + tl.maximum(c * L - 1, 0))  # position 0 continues the initial state
+        doc_last = tl.load(doc_ptr + tl.minimum(c * L + L, S) - 1)
+    else:
+        doc = tl.where(valid, 0, -1)
+        doc_prev = 0
+        doc_last = 0
     return offs, valid, b, ig, doc, doc_prev, doc_last, tl.sum(lf, 0)
 
 
@@ -56,14 +64,14 @@ def _intra_logits(b, ig, doc, valid, L: tl.constexpr):
 @triton.jit
 def _fwd_states(
     k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DV)
-    ig_ptr, lf_ptr,  # (B, NH, S) igate, logsigmoid(fgate), fp32
-    doc_ptr,  # (B, S) int32 document index
-    c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32
+    ig_ptr, fg_ptr,  # (B, NH, S) gate pre-activations
+    doc_ptr,  # (B, S) int32 document index (read only if HAS_DOC)
+    c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32 (if HAS_INIT)
     cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
     cf_ptr, nf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) final state, fp32
     NH, S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
@@ -71,11 +79,16 @@ def _fwd_states(
     k_ptr += bh * S * DQK
     v_ptr += bh * S * DV
     ig_ptr += bh * S
-    lf_ptr += bh * S
+    fg_ptr += bh * S
     doc_ptr += (bh // NH) * S
-    C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
-    n = tl.load(n0_ptr + bh * DQK + ok)
-    m = tl.load(m0_ptr + bh)
+    if HAS_INIT:
+        C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
+        n = tl.load(n0_ptr + bh * DQK + ok)
+        m = tl.load(m0_ptr + bh)
+    else:
+        C = tl.zeros((BK, BV), dtype=tl.float32)
+        n = tl.zeros((BK,), dtype=tl.float32)
+        m = tl.full([], FRESH_M, tl.float32)
     if (kb == 0) & (vb == 0):
         tl.store(ms_ptr + bh * (NC + 1), m)
     for c in range(NC):
@@ -83,7 +96,8 @@ def _fwd_states(
                  C.to(cs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
-        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(ig_ptr, lf_ptr, doc_ptr, c, S, L)
+        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+            ig_ptr, fg_ptr, doc_ptr, c, S, L, HAS_DOC)
         a_last = tl.where(doc_last == doc_prev, b_last + m, float("-inf"))
         logw = tl.where(valid & (doc == doc_last), b_last - b + ig, float("-inf"))
         m_new = tl.maximum(a_last, tl.max(logw, 0))
@@ -105,18 +119,18 @@ def _fwd_states(
 @triton.jit
 def _fwd_output(
     q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
-    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # chunk states from _fwd_states
     h_ptr,  # (B, NH, S, DV) output, input dtype
     den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ov = vb * BV + tl.arange(0, BV)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-        ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+        ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
     log_inter = tl.where(valid & (doc == doc_prev), b + m_c, float("-inf"))
     logD = _intra_logits(b, ig, doc, valid, L)
@@ -152,22 +166,26 @@ def _fwd_output(
 @triton.jit
 def _bwd_states(
     q_ptr, h_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) output, (B, NH, S, DV) its gradient
-    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
     ms_ptr, den_ptr, mi_ptr,  # (B*NH, NC+1), (B, NH, S), (B, NH, S) fp32 from the forward
-    dcf_ptr, dnf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the final state (zeros if none)
+    dcf_ptr, dnf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the final state (if HAS_DFINAL)
     dcs_ptr, dns_ptr,  # (B*NH, NC, DQK, DV) input dtype, (B*NH, NC, DQK) fp32: gradient of the state
                        # leaving each chunk
-    dc0_ptr, dn0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the initial state
+    dc0_ptr, dn0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the initial state (if HAS_INIT)
     dden_ptr,  # (B, NH, S) fp32 gradient of den per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
-    dC = tl.load(dcf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
-    dn = tl.load(dnf_ptr + bh * DQK + ok)
+    if HAS_DFINAL:
+        dC = tl.load(dcf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
+        dn = tl.load(dnf_ptr + bh * DQK + ok)
+    else:
+        dC = tl.zeros((BK, BV), dtype=tl.float32)
+        dn = tl.zeros((BK,), dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
         tl.store(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
@@ -175,7 +193,7 @@ def _bwd_states(
         if vb == 0:
             tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
         offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-            ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+            ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
         m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
         m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
         m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
@@ -201,15 +219,16 @@ def _bwd_states(
             dn = g * dn + tl.sum(q.to(tl.float32) * (s_inter * dden)[:, None], 0)
             if kb == 0:
                 tl.store(dden_ptr + bh * S + offs, dden, mask=valid)
-    tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
-    if vb == 0:
-        tl.store(dn0_ptr + bh * DQK + ok, dn)
+    if HAS_INIT:
+        tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
+        if vb == 0:
+            tl.store(dn0_ptr + bh * DQK + ok, dn)
 
 
 @triton.jit
 def _bwd_grads(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
-    ig_ptr, lf_ptr, doc_ptr,  # (B, NH, S) fp32, (B, NH, S) fp32, (B, S) int32
+    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # forward chunk states
     den_ptr, mi_ptr, dden_ptr,  # (B, NH, S) fp32
     dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
@@ -217,11 +236,11 @@ def _bwd_grads(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     c, bh = tl.program_id(0), tl.program_id(1)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-        ig_ptr + bh * S, lf_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L)
+        ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
     m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
     m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
@@ -316,6 +335,9 @@ def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
 
 
 class _MLSTMChunkwise(torch.autograd.Function):
+    """Inputs: q, k (B,NH,S,DQK), v (B,NH,S,DV) contiguous of one dtype; igate, fgate (B,NH,S) contiguous;
+    C0, n0, m0 fp32 or None (fresh); doc (B,S) int32 or None (one document). Outputs h, final C, n, m."""
+
     @staticmethod
     def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size):
         B, NH, S, DQK = q.shape
@@ -324,60 +346,65 @@ class _MLSTMChunkwise(torch.autograd.Function):
         L, BK = cfg["L"], cfg["BK"]
         NC = triton.cdiv(S, L)
         dev = q.device
-        ig = igate.float().contiguous()
-        lf = F.logsigmoid(fgate.float()).contiguous()
+        flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
         cs = torch.empty(B * NH, NC, DQK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(B * NH, NC, DQK, device=dev, dtype=torch.float32)
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
         Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
         nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
         BVs = min(64, DV)
+        # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
+        doc_arg = doc if doc is not None else ms
+        init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
         _fwd_states[(B * NH, DQK // BK, DV // BVs)](
-            k, v, ig, lf, doc, C0, n0, m0, cs, ns, ms, Cf, nf, NH, S, NC,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVs, PREC=cfg["PREC"], num_warps=4)
+            k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, NH, S, NC,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVs, HAS_INIT=C0 is not None, num_warps=4, **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         BVo = min(128, DV)
         _fwd_output[(NC, B * NH, DV // BVo)](
-            q, k, v, ig, lf, doc, cs, ns, ms, h, den, mi, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVo, PREC=cfg["PREC"], num_warps=8 if L * BVo > 4096 else 4)
-        ctx.save_for_backward(q, k, v, ig, lf, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
-        ctx.cfg, ctx.eps = cfg, eps
+            q, k, v, igate, fgate, doc_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVo, num_warps=8 if L * BVo > 4096 else 4, **flags)
+        ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
+        ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
         mf = ms.view(B, NH, NC + 1)[..., NC].clone()
         ctx.mark_non_differentiable(mf)
         return h, Cf, nf, mf
 
     @staticmethod
     def backward(ctx, dh, dCf, dnf, _dmf):
-        q, k, v, ig, lf, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
+        q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
         cfg, eps = ctx.cfg, ctx.eps
         L, BK = cfg["L"], cfg["BK"]
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         NC = ms.shape[1] - 1
+        flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
         dh = dh.to(q.dtype).contiguous()
-        has_dstate = dCf is not None or dnf is not None
-        dCf = torch.zeros_like(Cf) if dCf is None else dCf.float().contiguous()
-        dnf = torch.zeros_like(nf) if dnf is None else dnf.float().contiguous()
-        dcs = torch.empty_like(cs)
-        dns = torch.empty_like(ns)
-        dC0 = torch.empty_like(Cf)
-        dn0 = torch.empty_like(nf)
-        dden = torch.empty_like(den)
+        has_dfinal = dCf is not None or dnf is not None
+        if has_dfinal:
+            dCf = torch.zeros_like(Cf) if dCf is None else dCf.float().contiguous()
+            dnf = torch.zeros_like(nf) if dnf is None else dnf.float().contiguous()
+        dcs, dns, dden = torch.empty_like(cs), torch.empty_like(ns), torch.empty_like(den)
+        dC0 = torch.empty_like(Cf) if ctx.has_init else None
+        dn0 = torch.empty_like(nf) if ctx.has_init else None
         BV = min(64, DV)
+        doc_arg = doc if doc is not None else ms  # stand-ins for absent optional tensors, never read
+        dfinal = (dCf, dnf) if has_dfinal else (Cf, nf)
+        dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
         _bwd_states[(B * NH, DQK // BK, DV // BV)](
-            q, h, dh, ig, lf, doc, ms, den, mi, dCf, dnf, dcs, dns, dC0, dn0, dden, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=cfg["PREC"], num_warps=4)
+            q, h, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
+            DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal, num_warps=4,
+            **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        qdq = torch.empty_like(den)
-        kdk = torch.empty_like(den)
+        qdq, kdk = torch.empty_like(den), torch.empty_like(den)
         _bwd_grads[(NC, B * NH)](
-            q, k, v, dh, ig, lf, doc, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
-            NH, S, NC, eps, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, PREC=cfg["PREC"], num_warps=8)
-        dig, dfg = _gate_grads(qdq, kdk, doc, fgate, (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)
-                               if has_dstate else None)
-        return dq, dk, dv, dig.to(ig.dtype), dfg, dC0, dn0, None, None, None, None
+            q, k, v, dh, igate, fgate, doc_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
+            NH, S, NC, eps, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, num_warps=8, **flags)
+        d_final = (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1) if has_dfinal else None
+        dig, dfg = _gate_grads(qdq, kdk, doc, fgate, d_final)
+        return dq, dk, dv, dig.to(igate.dtype), dfg, dC0, dn0, None, None, None, None
 
 
 def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: Tensor | None):
@@ -391,10 +418,13 @@ def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: T
     db = qdq - kdk
     if d_final is not None:
         db[..., -1] += d_final
-    dlf = _segment_reverse_cumsum(db, doc)
-    starts = torch.zeros_like(doc, dtype=torch.bool)
-    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    dlf = dlf.masked_fill(starts[:, None], 0.0)
+    if doc is None:
+        dlf = db.double().flip(-1).cumsum(-1).flip(-1)
+    else:
+        dlf = _segment_reverse_cumsum(db, doc)
+        starts = torch.zeros_like(doc, dtype=torch.bool)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        dlf = dlf.masked_fill(starts[:, None], 0.0)
     dfg = (dlf * torch.sigmoid(-fgate.double())).to(fgate.dtype)
     return kdk, dfg
 
@@ -414,17 +444,19 @@ def mlstm_triton(
     """Chunkwise Triton mLSTM: h (B,NH,S,DV) in q's dtype (bf16/fp16/fp32) and the final fp32 state.
 
     Semantics as reference.mlstm_chunkwise; backward: m constant, everything else (n included) exact."""
-    B, NH, S, DQK = q.shape
-    DV = v.shape[-1]
+    B, NH, S, _ = q.shape
     gates_ok = igate.shape == (B, NH, S) and fgate.shape == (B, NH, S)
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or not gates_ok:
         raise ValueError(f"mlstm triton: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          f"igate {tuple(igate.shape)} fgate {tuple(fgate.shape)}")
     k, v = k.to(q.dtype), v.to(q.dtype)
-    doc = document_index(segment_ids, B, S, q.device).to(torch.int32).contiguous()
-    if initial_state is None:
-        initial_state = mlstm_fresh_state(B, NH, DQK, DV, q.device)
-    C0, n0, m0 = (x.float().contiguous() for x in initial_state)
-    h, Cf, nf, mf = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate, fgate,
-                                          C0, n0, m0.detach(), doc, eps, chunk_size)
+    doc = None
+    if segment_ids is not None:
+        doc = document_index(segment_ids, B, S, q.device).to(torch.int32).contiguous()
+    C0 = n0 = m0 = None
+    if initial_state is not None:
+        C0, n0, m0 = (x.float().contiguous() for x in initial_state)
+        m0 = m0.detach()
+    h, Cf, nf, mf = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
+                                          fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size)
     return h, (Cf, nf, mf)

@@ -9,7 +9,7 @@ def make_inputs(B, NH, S, DQK, DV, *, dtype=torch.float64, device="cpu", seed=0,
 
     Gates: igate ~ N(0,1) * gate_scale, fgate ~ N(3,1) * gate_scale (forget gates near 1 as in trained
     models); q, k scaled by DQK**-0.5 so that q.k is O(1). n_docs > 0 packs that many documents per row
-    at random boundaries (one-token documents included by construction when S is small)."""
+    at random boundaries, plus one-token documents at the end of row 0."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, mean=0.0, scale=1.0):
@@ -26,9 +26,7 @@ def make_inputs(B, NH, S, DQK, DV, *, dtype=torch.float64, device="cpu", seed=0,
         starts = torch.stack([torch.randperm(S - 1, generator=g)[: n_docs - 1] + 1 for _ in range(B)])
         change = torch.zeros(B, S, dtype=torch.long)
         change.scatter_(1, starts, 1)
-        change[0, S - 1] = 1  # a one-token document at the end of row 0
-        if S > 3:
-            change[0, 1:3] = 1  # and one-token documents at the start of row 0
+        change[0, S - 3:] = 1  # one-token documents at the end of row 0
         seg = (change.cumsum(1) * 7 % 5).to(device)  # ids need not be increasing, only differ at boundaries
     state = None
     if with_state:

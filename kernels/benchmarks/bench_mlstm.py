@@ -1,0 +1,232 @@
+"""Forward+backward benchmark of the mLSTM kernels and the hybrid mixer on one GPU (bf16, median ms).
+
+    python kernels/benchmarks/bench_mlstm.py --out $OUT        # writes bench_mlstm.md and bench_mlstm.json
+
+Compares ours (chunkwise Triton) with mlstm-kernels `chunkwise--triton_limit_chunk` (and `triton_xl_chunk`
+where it compiles), SDPA causal (flash) and FlexAttention SWA-512 + 4 sinks, at the shapes of issue 3;
+ours also with 8 documents per row; the hybrid mixer (ours + attention(window=512, n_sinks=4) + sigmoid
+gate) against SDPA causal; the decode step kernel's bandwidth. Checks ours against a float32 torch
+reference first. Inputs: q, k, v ~ N(0,1) (q, k scaled by D**-0.5), igate ~ N(0,1), fgate ~ N(3,1);
+the backward gets a fixed random upstream gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+from xdistill_kernels import attention, mlstm, mlstm_fresh_state, mlstm_step
+from xdistill_kernels.reference import mlstm_chunkwise
+
+SHAPES = [(1, 32, 4096, 128), (1, 32, 16384, 128), (1, 32, 65536, 128), (8, 9, 4096, 64), (2, 9, 16384, 64)]
+PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
+
+
+def make(B, NH, S, D, seed=0, docs=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k = (r(B, NH, S, D) * D**-0.5).bfloat16(), (r(B, NH, S, D) * D**-0.5).bfloat16()
+    v = r(B, NH, S, D).bfloat16()
+    ig, fg = r(B, NH, S).bfloat16(), (r(B, NH, S) + 3).bfloat16()
+    og = r(B, NH, S, 1).bfloat16()
+    dh = r(B, NH, S, D).bfloat16()
+    seg = None
+    if docs:
+        cuts = torch.sort(torch.randperm(S - 1, device="cuda", generator=g)[: docs - 1] + 1).values
+        seg = torch.zeros(B, S, dtype=torch.long, device="cuda")
+        seg[:, cuts] = 1
+        seg = seg.cumsum(1)
+    for x in (q, k, v, ig, fg, og):
+        x.requires_grad_()
+    return (q, k, v, ig, fg), og, dh, seg
+
+
+def fwd_bwd(fn, leaves, dh):
+    def run():
+        fn().backward(dh)
+
+    return lambda: do_bench(run, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
+
+
+def flops_bytes(B, NH, S, D, L):
+    """FLOPs of our algorithm (fwd+bwd, intra-chunk matrices computed in full) and the fewest bytes any
+    fwd+bwd must move: q, k, v read and h written (forward); q, k, v, dh read and dq, dk, dv written."""
+    per_pos = 2 * L * (4 * D + 3 * D) + 12 * D * D
+    return B * NH * S * per_pos, 11 * B * NH * S * D * 2
+
+
+def check_correctness(out_rows):
+    """bf16 ours vs the float32 torch reference on the same (bf16-rounded) inputs."""
+    for docs in (0, 8):
+        (q, k, v, ig, fg), _, dh, seg = make(1, 8, 2048, 128, seed=1, docs=docs)
+        leaves = [q, k, v, ig, fg]
+        h = mlstm(q, k, v, ig, fg, segment_ids=seg, backend="triton")
+        grads = torch.autograd.grad(h, leaves, dh)
+        ref_in = [x.detach().float().requires_grad_() for x in leaves]
+        h_ref, _ = mlstm_chunkwise(*ref_in, segment_ids=seg, chunk_size=128)
+        grads_ref = torch.autograd.grad(h_ref, ref_in, dh.float())
+        errs = {n: ((a.float() - b).norm() / b.norm()).item()
+                for n, a, b in zip(["h", "dq", "dk", "dv", "dig", "dfg"], [h, *grads], [h_ref, *grads_ref])}
+        print(f"correctness docs={docs}: " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
+        out_rows.append({"check": f"docs={docs}", **errs})
+        # bf16 operands give ~3e-3; dfgate is a reverse cumulative sum over the sequence of q.dq - k.dk,
+        # whose per-position rounding errors add up over thousands of positions, hence its wider bound.
+        assert all(e < (5e-2 if n == "dfg" else 2e-2) for n, e in errs.items()), errs
+
+
+def peer_kernel(name):
+    """A peer kernel, or None if it is absent or crashes while compiling (triton_xl_chunk aborts LLVM with
+    triton 3.6, killing the process, so each peer first runs once in a child process)."""
+    probe = (f"import torch; from mlstm_kernels.torch import get_mlstm_kernel as g; "
+             f"x = [torch.randn(1, 2, 256, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True) "
+             f"for _ in range(3)]; gt = [torch.randn(1, 2, 256, device='cuda', dtype=torch.bfloat16, "
+             f"requires_grad=True) for _ in range(2)]; g('{name}')(*x, *gt, chunk_size=64).sum().backward()")
+    probe_run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if probe_run.returncode != 0:
+        print(f"peer {name} unavailable (rc {probe_run.returncode}): {probe_run.stderr[-300:]}", flush=True)
+        return None
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+
+        return get_mlstm_kernel(name)
+    except Exception as e:  # the peer package is optional: absent or broken, its column stays empty
+        print(f"peer {name} unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def bench_shape(B, NH, S, D, chunks, peers, results):
+    (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
+    leaves = [q, k, v, ig, fg]
+    row = {"shape": (B, NH, S, D)}
+    for L in chunks:
+        t = fwd_bwd(lambda L=L: mlstm(q, k, v, ig, fg, backend="triton", chunk_size=L), leaves, dh)()
+        row[f"ours_L{L}"] = t
+        fl, by = flops_bytes(B, NH, S, D, L)
+        row[f"ours_L{L}_tflops"] = fl / t / 1e9
+        row[f"ours_L{L}_floor_ms"] = max(fl / PEAK_TFLOPS / 1e9, by / PEAK_TBPS / 1e9)
+        print(f"{(B, NH, S, D)} ours L={L}: {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s, "
+              f"{by / t / 1e9:.0f} GB/s of the byte floor)", flush=True)
+    _, _, _, seg8 = make(B, NH, S, D, docs=8)
+    docs8 = lambda: mlstm(q, k, v, ig, fg, segment_ids=seg8, backend="triton")  # noqa: E731
+    row["ours_8docs"] = fwd_bwd(docs8, leaves, dh)()
+    row["ours_default"] = fwd_bwd(lambda: mlstm(q, k, v, ig, fg, backend="triton"), leaves, dh)()
+    for name, kern in peers.items():
+        if kern is None:
+            continue
+        try:
+            row[name] = fwd_bwd(lambda kern=kern: kern(q, k, v, ig, fg, chunk_size=64), leaves, dh)()
+        except Exception as e:  # a peer that fails to compile on this triton is reported, not fatal
+            print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    row["sdpa_causal"] = fwd_bwd(sdpa, [q, k, v], dh)()
+    row["flex_swa512_4sinks"] = fwd_bwd(lambda: attention(q, k, v, window=512, n_sinks=4, backend="flex"),
+                                        [q, k, v], dh)()
+
+    def mixer():
+        o = torch.sigmoid(og)
+        swa = attention(q, k, v, window=512, n_sinks=4)
+        return o * mlstm(q, k, v, ig, fg, backend="triton") + (1 - o) * swa
+
+    row["hybrid_mixer"] = fwd_bwd(mixer, leaves + [og], dh)()
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    results.append(row)
+
+
+def profile_ours(B, NH, S, D):
+    """Per-kernel CUDA time of one forward+backward of ours (torch.profiler), printed as a table."""
+    (q, k, v, ig, fg), _, dh, _ = make(B, NH, S, D)
+    for _ in range(3):
+        mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
+        torch.cuda.synchronize()
+    print(f"profile {(B, NH, S, D)}, 5 iterations:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def bench_step(results):
+    B, NH, D = 64, 32, 128
+    state = mlstm_fresh_state(B, NH, D, D, "cuda")
+    state = (torch.randn_like(state[0]), torch.rand_like(state[1]), torch.randn_like(state[2]))
+    x = [torch.randn(B, NH, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    gates = [torch.randn(B, NH, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    t = do_bench(lambda: mlstm_step(*x, *gates, state), warmup=50, rep=200, return_mode="median")
+    nbytes = 2 * (state[0].numel() + state[1].numel() + state[2].numel()) * 4 + 4 * B * NH * D * 2
+    print(f"step B={B} NH={NH} D={D}: {t * 1e3:.1f} us, {nbytes / t / 1e6:.0f} GB/s", flush=True)
+    results.append({"step": (B, NH, D), "ms": t, "GBps": nbytes / t / 1e6})
+
+
+def write_markdown(path, results, checks, device):
+    cols = ["ours_default", "ours_8docs", "mlstm_limit_chunk", "mlstm_xl_chunk", "sdpa_causal",
+            "flex_swa512_4sinks", "hybrid_mixer"]
+    lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",
+             "|---" * (len(cols) + 3) + "|"]
+    for r in results:
+        if "shape" not in r:
+            continue
+        cells = [f"{r[c]:.3f}" if c in r else "-" for c in cols]
+        lc = r.get("mlstm_limit_chunk")
+        ratio = f"{lc / r['ours_default']:.2f}x" if lc else "-"
+        lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {ratio} | "
+                     f"{r['sdpa_causal'] / r['hybrid_mixer']:.2f}x |")
+    lines += ["", "Chunk-size sweep (ours, ms; TFLOP/s of our algorithm; "
+              "floor = max(FLOPs / 790 TFLOP/s, bytes / 3 TB/s)):", ""]
+    for r in results:
+        if "shape" in r:
+            sweep = [k for k in r if k.startswith("ours_L") and k.count("_") == 1]
+            lines.append(f"- {r['shape']}: " + ", ".join(
+                f"L={k[6:]}: {r[k]:.3f} ms ({r[k + '_tflops']:.0f} TFLOP/s, "
+                f"floor {r[k + '_floor_ms']:.3f} ms)"
+                for k in sweep))
+    for r in results:
+        if "step" in r:
+            lines.append(f"- step kernel {r['step']} (B, NH, D): {r['ms'] * 1e3:.1f} us, "
+                         f"{r['GBps']:.0f} GB/s")
+    lines += ["", "Correctness (relative L2 error vs float32 reference): " + "; ".join(
+        f"{c['check']}: " + ", ".join(f"{k}={v:.1e}" for k, v in c.items() if k != "check") for c in checks)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,3")
+    ap.add_argument("--chunks", default="64,128", help="chunk sizes of ours to sweep")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
+    args = ap.parse_args()
+    device = torch.cuda.get_device_name()
+    checks, results = [], []
+    check_correctness(checks)
+    peers = {} if args.no_peers else {"mlstm_limit_chunk": peer_kernel("chunkwise--triton_limit_chunk"),
+                                      "mlstm_xl_chunk": peer_kernel("chunkwise--triton_xl_chunk")}
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    chunks = [int(c) for c in args.chunks.split(",") if c]
+    for shape in shapes:
+        if args.profile:
+            profile_ours(*shape)
+        bench_shape(*shape, chunks, peers, results)
+        torch.cuda.empty_cache()
+        write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
+    bench_step(results)
+    write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
+    with open(os.path.join(args.out, "bench_mlstm.json"), "w") as f:
+        json.dump({"device": device, "results": results, "checks": checks}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
