@@ -49,11 +49,12 @@ def topk_logprobs(logits: Tensor, k: int, chunk_rows: int = 4096) -> tuple[Tenso
 
 
 def _chunk_terms(logits: Tensor, labels: Tensor, t_ids: Tensor | None, t_lp: Tensor | None):
-    logq = logits.float().log_softmax(-1)  # (n, V)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 for the softmax
+    logq = logits.to(dtype).log_softmax(-1)  # (n, V)
     ce = F.nll_loss(logq, labels.clamp_min(0), reduction="none")
     if t_ids is None:
         return ce, torch.zeros_like(ce)
-    t_lp = t_lp.float()
+    t_lp = t_lp.to(dtype)
     s_lp = logq.gather(-1, t_ids.long())  # student log q on the teacher's top-k
     p = t_lp.exp()
     # tail bucket: log(1 - sum) computed stably; clamp guards rounding when the top-k holds ~all mass

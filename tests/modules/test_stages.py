@@ -1,0 +1,103 @@
+"""Two-step fits of each stage through the real CLI on a tiny random teacher (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lit_xdistill.cli import main
+from lit_xdistill.models import XDistillForCausalLM
+from lit_xdistill.modules import kd_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fit(stage: str, tmp: Path, teacher: str, text: str, *extra: str) -> None:
+    main([
+        "fit", "--config", str(ROOT / "configs" / f"{stage}.yaml"),
+        "--model.init_args.teacher.name", teacher, "--model.init_args.teacher.dtype", "float32",
+        "--data.tokenizer", teacher, "--data.sources", f"[{text}]", "--data.seq_len", "64",
+        "--data.batch_size", "2", "--data.cache_dir", str(tmp / "cache"),
+        "--trainer.max_steps", "2", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
+        "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.enable_progress_bar", "false",
+        "--trainer.val_check_interval", "1",
+        "--trainer.callbacks", "[]",
+        "--trainer.default_root_dir", str(tmp),
+        "--model.init_args.student.window", "16",
+        "--model.init_args.export_dir", str(tmp / f"{stage}_student"),
+        *extra,
+    ])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory, tiny_teacher_dir, text_dir):
+    tmp = tmp_path_factory.mktemp("align")
+    _fit("align", tmp, tiny_teacher_dir, text_dir, "--model.init_args.warmup_steps", "1")
+    return tmp
+
+
+def test_alignment_trains_only_the_mixers(aligned, tiny_teacher_dir):
+    from lit_xdistill.models import student_from_teacher
+    from lit_xdistill.teachers import TeacherSpec
+
+    spec = TeacherSpec(tiny_teacher_dir, dtype="float32")
+    fresh = student_from_teacher(spec.load_model(), spec.identity, window=16).state_dict()
+    trained = _weights(aligned / "align_student")
+    changed = {k for k, v in trained.items() if not torch.equal(v, fresh[k])}
+    assert changed, "alignment changed nothing"
+    assert all(".xdistill_mixer." in k for k in changed), f"non-mixer weights changed: {sorted(changed)[:3]}"
+    events = list((aligned / "runs" / "align").rglob("events.out.tfevents*"))
+    assert events, "no TensorBoard log written"
+    assert list((aligned / "runs" / "align").rglob("config.yaml")), "resolved config not saved with the run"
+
+
+def test_kd_starts_from_stage_one_and_trains_everything(aligned, tiny_teacher_dir, text_dir, tmp_path):
+    _fit("kd", tmp_path, tiny_teacher_dir, text_dir, "--model.init_args.student.init_from",
+         str(aligned / "align_student"), "--model.init_args.top_k", "16", "--model.init_args.lr", "1e-3",
+         "--model.init_args.warmup_steps", "1")
+    before, after = _weights(aligned / "align_student"), _weights(tmp_path / "kd_student")
+    assert not torch.equal(before["backbone.model.layers.0.mlp.up_proj.weight"],
+                           after["backbone.model.layers.0.mlp.up_proj.weight"]), "KD must train the MLPs too"
+    student = XDistillForCausalLM.from_pretrained(tmp_path / "kd_student")
+    assert student.config.teacher_identity.endswith(str(Path(tiny_teacher_dir).resolve()))
+    x = torch.randint(0, 100, (1, 8))
+    assert torch.isfinite(student(x).logits).all()
+
+
+def test_kd_refuses_a_stage_one_result_of_another_teacher(aligned, text_dir, tmp_path, tiny_teacher_dir):
+    import shutil
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_teacher_dir, other)
+    with pytest.raises(ValueError, match="was distilled from teacher .* but this run's teacher is"):
+        _fit("kd", tmp_path, str(other), text_dir, "--model.init_args.student.init_from",
+             str(aligned / "align_student"))
+
+
+def test_kd_loss_matches_its_definition():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50, dtype=torch.float64)
+    teacher = torch.randn(2, 5, 50, dtype=torch.float64).log_softmax(-1)
+    labels = torch.randint(0, 50, (2, 5))
+    labels[0, -1] = -100
+    ids = teacher.topk(8, -1).indices
+    out = kd_loss(logits, labels, ids, teacher.gather(-1, ids), ce_weight=0.9, kl_weight=0.1, chunk_rows=3)
+    logq = logits.log_softmax(-1)
+    keep = labels >= 0
+    ce = -logq.gather(-1, labels.clamp_min(0)[..., None])[..., 0][keep].mean()
+    p, lq = teacher.gather(-1, ids).exp(), logq.gather(-1, ids)
+    pt, qt = 1 - p.sum(-1), 1 - lq.exp().sum(-1)
+    kl = ((p * (p.log() - lq)).sum(-1) + pt * (pt.log() - qt.log()))[keep].mean()
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.kl, kl)
+    torch.testing.assert_close(out.loss, 0.9 * ce + 0.1 * kl)
+    # the full-vocabulary KL is an upper bound of the coarse-grained (top-k + tail) one
+    full = (teacher.exp() * (teacher - logq)).sum(-1)[keep].mean()
+    assert kl <= full + 1e-12
