@@ -1,0 +1,5 @@
+"""Stage-independent callbacks."""
+
+from .wintie import WinTieCallback
+
+__all__ = ["WinTieCallback"]
