@@ -178,12 +178,15 @@ def _gcide_documents() -> Iterator[Document]:
     with gzip.open(data_path, "rb") as handle:  # dictzip files are valid gzip
         data = handle.read()
     spans: dict[int, tuple[int, str]] = {}
+    metadata: set[int] = set()  # the 00-database-*/00-gcide-* entries: licence and provenance notes
     for line in index_path.read_text(encoding="utf-8").splitlines():
         headword, offset, length = line.split("\t")
-        if not headword.startswith("00-database") and headword.strip():
+        if headword.startswith("00-"):
+            metadata.add(_dictd_number(offset))
+        elif headword.strip():
             spans.setdefault(_dictd_number(offset), (_dictd_number(length), headword))
     group, entries = None, []
-    for offset in sorted(spans):
+    for offset in sorted(spans.keys() - metadata):
         length, headword = spans[offset]
         prefix = re.sub(r"[^a-z0-9]", "", headword.lower())[:2] or headword[:1]
         if prefix != group and entries:

@@ -217,12 +217,18 @@ class DistillDataModule(L.LightningDataModule):
         """All cheap checks, before any tokenisation: sources exist, seq_len fits the context."""
         if self._sources is None:
             self._sources = [resolve_source(spec) for spec in self.source_specs]
-            limits = {"max_context": self.max_context}
-            model_max = getattr(self.tokenizer, "model_max_length", None)
-            if model_max is not None and model_max < 10**7:  # tokenizers without a limit say ~1e30
-                limits["the tokenizer's model_max_length"] = model_max
+            from lit_xdistill.teachers import TeacherSpec
+
+            teacher_config = TeacherSpec(self.tokenizer_name).load_config().get_text_config()
+            limits = {
+                "max_context": self.max_context,
+                "the tokenizer's model_max_length": getattr(self.tokenizer, "model_max_length", None),
+                "the teacher's max_position_embeddings": getattr(
+                    teacher_config, "max_position_embeddings", None
+                ),
+            }
             for what, limit in limits.items():
-                if limit is not None and self.seq_len > limit:
+                if limit is not None and self.seq_len > limit:  # (no-limit tokenizers say ~1e30)
                     raise ValueError(
                         f"seq_len={self.seq_len} exceeds {what}={limit}: lower seq_len to at most {limit}."
                     )

@@ -75,7 +75,7 @@ def teacher_dir(tmp_path_factory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=2048,
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)

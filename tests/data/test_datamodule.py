@@ -129,6 +129,8 @@ def test_bad_input_fails_early_with_the_fix(teacher_dir, tmp_path, text_dir):
         make(teacher_dir, tmp_path, [text_dir], seq_len=8192, max_context=2048).prepare_data()
     with pytest.raises(ValueError, match="model_max_length=4096"):
         make(teacher_dir, tmp_path, [text_dir], seq_len=8192).prepare_data()
+    with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings=2048: lower seq_len"):
+        make(teacher_dir, tmp_path, [text_dir], seq_len=3000).prepare_data()
     assert not (tmp_path / "cache").exists()  # none of the above started tokenising
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short")
