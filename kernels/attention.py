@@ -71,8 +71,8 @@ def _block_mask(B, S, window, n_sinks, segment_ids, device):
     def mask_mod(b, h, q_idx, kv_idx):
         bb = b if segment_ids is not None else 0
         visible = (kv_idx <= q_idx) & (doc[bb, q_idx] == doc[bb, kv_idx])
-        if window is not None:
-            visible &= ((q_idx - kv_idx) < window) | ((kv_idx - start[bb, kv_idx]) < n_sinks)
+        if window is not None:  # no in-place ops here: inductor cannot lower them inside a mask_mod
+            visible = visible & (((q_idx - kv_idx) < window) | ((kv_idx - start[bb, kv_idx]) < n_sinks))
         return visible
 
     mask = create_block_mask(mask_mod, B if segment_ids is not None else None, None, S, S, device=device)

@@ -6,8 +6,8 @@ sequence is cut into chunks of L positions. Four kernels, each program owning on
   forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk
            _fwd_output   parallel over chunks: h = intra-chunk quadratic part + inter-chunk part from the
                          state, saving the normaliser den and the stabiliser m per position
-  backward _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk, and the
-                         normaliser gradient dden per position
+  backward _bwd_dden     parallel: the gradient dden of the normaliser per position
+           _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk
            _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position, from which the
                          gate gradients follow (see _gate_grads)
 
@@ -164,15 +164,42 @@ def _fwd_output(
 
 
 @triton.jit
+def _bwd_dden(
+    h_ptr, dh_ptr,  # (B, NH, S, DV) output and its gradient
+    den_ptr, mi_ptr,  # (B, NH, S) fp32 from the forward
+    dden_ptr,  # (B, NH, S) fp32 output
+    S, eps,
+    DV: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr,
+):
+    """h = num / z with z = max(|den|, exp(-m)) + eps, so dden = -(dh.h) / z * sign(den) on the |den| branch
+    of the max and 0 on the exp(-m) branch (m is constant)."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    offs = blk * BS + tl.arange(0, BS)
+    valid = offs < S
+    dh_h = tl.zeros((BS,), dtype=tl.float32)
+    for vb in tl.static_range(DV // BV):
+        ov = vb * BV + tl.arange(0, BV)
+        rows = (bh * S + offs[:, None]) * DV + ov[None, :]
+        dh = tl.load(dh_ptr + rows, mask=valid[:, None], other=0.0)
+        h = tl.load(h_ptr + rows, mask=valid[:, None], other=0.0)
+        dh_h += tl.sum(dh.to(tl.float32) * h.to(tl.float32), 1)
+    den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
+    m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
+    floor = tl.exp(-m_i)
+    sel = tl.where(tl.abs(den) >= floor, tl.where(den >= 0, 1.0, -1.0), 0.0)
+    tl.store(dden_ptr + bh * S + offs, -dh_h / (tl.maximum(tl.abs(den), floor) + eps) * sel, mask=valid)
+
+
+@triton.jit
 def _bwd_states(
-    q_ptr, h_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) output, (B, NH, S, DV) its gradient
+    q_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) gradient of the output
     ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
     ms_ptr, den_ptr, mi_ptr,  # (B*NH, NC+1), (B, NH, S), (B, NH, S) fp32 from the forward
     dcf_ptr, dnf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the final state (if HAS_DFINAL)
     dcs_ptr, dns_ptr,  # (B*NH, NC, DQK, DV) input dtype, (B*NH, NC, DQK) fp32: gradient of the state
                        # leaving each chunk
     dc0_ptr, dn0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the initial state (if HAS_INIT)
-    dden_ptr,  # (B, NH, S) fp32 gradient of den per position
+    dden_ptr,  # (B, NH, S) fp32 gradient of den per position, from _bwd_dden
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
@@ -206,19 +233,8 @@ def _bwd_states(
         qs = q.to(tl.float32) * (s_inter * rz)[:, None]
         dC = g * dC + tl.dot(tl.trans(qs.to(q.dtype)), dh, input_precision=PREC)
         if vb == 0:
-            dh_h = tl.zeros((L,), dtype=tl.float32)
-            for vb2 in tl.static_range(DV // BV):
-                ov2 = vb2 * BV + tl.arange(0, BV)
-                rows2 = (bh * S + offs[:, None]) * DV + ov2[None, :]
-                dh2 = tl.load(dh_ptr + rows2, mask=valid[:, None], other=0.0)
-                h2 = tl.load(h_ptr + rows2, mask=valid[:, None], other=0.0)
-                dh_h += tl.sum(dh2.to(tl.float32) * h2.to(tl.float32), 1)
-            # h = num / z with z = max(|den|, exp(-m)) + eps: dden = -(dh.h)/z * sign(den) on the |den| branch
-            sel = tl.where(tl.abs(den) >= tl.exp(-m_i), tl.where(den >= 0, 1.0, -1.0), 0.0)
-            dden = -dh_h * rz * sel
+            dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
             dn = g * dn + tl.sum(q.to(tl.float32) * (s_inter * dden)[:, None], 0)
-            if kb == 0:
-                tl.store(dden_ptr + bh * S + offs, dden, mask=valid)
     if HAS_INIT:
         tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
         if vb == 0:
@@ -393,8 +409,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         doc_arg = doc if doc is not None else ms  # stand-ins for absent optional tensors, never read
         dfinal = (dCf, dnf) if has_dfinal else (Cf, nf)
         dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
+        _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
+                                                 num_warps=4)
         _bwd_states[(B * NH, DQK // BK, DV // BV)](
-            q, h, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
+            q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal, num_warps=4,
             **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -418,14 +436,14 @@ def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: T
     db = qdq - kdk
     if d_final is not None:
         db[..., -1] += d_final
-    if doc is None:
-        dlf = db.double().flip(-1).cumsum(-1).flip(-1)
+    if doc is None:  # a plain reverse cumsum; float32 suffices without the subtraction below
+        dlf = db.flip(-1).cumsum(-1).flip(-1)
     else:
         dlf = _segment_reverse_cumsum(db, doc)
         starts = torch.zeros_like(doc, dtype=torch.bool)
         starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
         dlf = dlf.masked_fill(starts[:, None], 0.0)
-    dfg = (dlf * torch.sigmoid(-fgate.double())).to(fgate.dtype)
+    dfg = (dlf * torch.sigmoid(-fgate.to(dlf.dtype))).to(fgate.dtype)
     return kdk, dfg
 
 
