@@ -4,6 +4,7 @@ from .alignment import AlignmentModule
 from .base import StageHandoffError, StudentModule, StudentOptions
 from .kd import KDModule
 from .losses import kd_loss, topk_logprobs
+from .merge import MergeModule
 
-__all__ = ["AlignmentModule", "KDModule", "StageHandoffError", "StudentModule", "StudentOptions", "kd_loss",
-           "topk_logprobs"]
+__all__ = ["AlignmentModule", "KDModule", "MergeModule", "StageHandoffError", "StudentModule",
+           "StudentOptions", "kd_loss", "topk_logprobs"]
