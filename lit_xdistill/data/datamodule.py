@@ -187,16 +187,11 @@ class DistillDataModule(L.LightningDataModule):
             )
         if not sources:
             raise ValueError("sources is empty: name at least one, e.g. builtin:shakespeare.")
-        self.save_hyperparameters()
         self.tokenizer_name, self.source_specs = tokenizer, list(sources)
         self.seq_len, self.batch_size, self.val_blocks = seq_len, batch_size, val_blocks
         self.max_train_tokens, self.seed, self.num_workers = max_train_tokens, seed, num_workers
-        self.cache_dir, self.logit_cache, self.logit_cache_teacher = (
-            Path(cache_dir),
-            logit_cache,
-            logit_cache_teacher,
-        )
-        self.max_context = max_context
+        self.cache_dir, self.max_context = Path(cache_dir), max_context
+        self.logit_cache, self.logit_cache_teacher = logit_cache, logit_cache_teacher
         self._tokenizer: Any = None
         self._sources: list[Source] | None = None
         self._token_dir: Path | None = None
@@ -394,6 +389,11 @@ class DistillDataModule(L.LightningDataModule):
         sampler = BlockSampler(
             self.datasets["train"], shuffle=True, seed=self.seed, num_replicas=world, rank=rank
         )
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"Only {len(sampler)} training block(s) of seq_len={self.seq_len} per device, fewer than "
+                f"batch_size={self.batch_size}: lower batch_size or seq_len, or add data."
+            )
         return ResumableDataLoader(
             self.datasets["train"], sampler, self.batch_size, self.num_workers, self.data_fingerprint("train")
         )

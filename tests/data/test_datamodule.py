@@ -136,5 +136,11 @@ def test_bad_input_fails_early_with_the_fix(teacher_dir, tmp_path, text_dir):
     tiny.write_text("too short")
     with pytest.raises(ValueError, match="fewer than one block of seq_len=64: add data or lower seq_len"):
         make(teacher_dir, tmp_path, [tiny]).setup("fit")
+    few = make(teacher_dir, tmp_path, [text_dir], max_train_tokens=64 * 3)
+    few.setup("fit")
+    with pytest.raises(
+        ValueError, match="Only 3 training block\\(s\\).*fewer than batch_size=4: lower batch_size"
+    ):
+        few.train_dataloader()
     with pytest.raises(ValueError, match="sources is empty"):
         make(teacher_dir, tmp_path, [])
