@@ -328,11 +328,14 @@ def _bwd_grads(
         tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
-def _config(DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None) -> dict:
+def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None) -> dict:
+    """Chunk length L and block sizes. Default L (measured on an H100, docs/benchmarks.md): 128 for long
+    sequences with head dims <= 128 (half the sequential steps of the state kernels, which dominate there),
+    64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences have few steps)."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
-    L = chunk_size or 64
+    L = chunk_size or (128 if S >= 8192 and max(DQK, DV) <= 128 else 64)
     if L < 16 or L & (L - 1):
         raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
     return dict(L=L, BK=min(64, DQK), PREC="ieee" if dtype == torch.float32 else "tf32")
@@ -358,7 +361,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
     def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
-        cfg = _config(DQK, DV, q.dtype, chunk_size)
+        cfg = _config(S, DQK, DV, q.dtype, chunk_size)
         L, BK = cfg["L"], cfg["BK"]
         NC = triton.cdiv(S, L)
         dev = q.device
