@@ -1,5 +1,4 @@
 """Stage-independent callbacks."""
 
 from .wintie import WinTieCallback
-
-__all__ = ["WinTieCallback"]
+from .reliability import AtomicCheckpointIO, CorruptCheckpointError, NonFiniteError, NonFiniteGuard, PreemptionCheckpoint
