@@ -89,3 +89,29 @@ def test_resume_twice(datamodule_args, tmp_path):
     second = fit(datamodule_args, tmp_path / "b", max_steps=16, ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     third = fit(datamodule_args, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "step=16.ckpt"))
     assert first + second + third == reference
+
+
+def test_ranks_share_an_epoch_and_resume_on_another_world_size(datamodule_args):
+    from lit_xdistill.data.datamodule import BlockSampler, ResumableDataLoader
+
+    dm = DistillDataModule(**datamodule_args)
+    dm.setup("fit")
+    dataset, fingerprint = dm.datasets["train"], dm.data_fingerprint()
+    full = list(BlockSampler(dataset, shuffle=True, seed=7))
+    loaders = [
+        ResumableDataLoader(
+            dataset, BlockSampler(dataset, True, 7, num_replicas=2, rank=r), 2, 0, fingerprint
+        )
+        for r in range(2)
+    ]
+    rank_blocks = [list(loader.sampler) for loader in loaders]
+    assert sorted(rank_blocks[0] + rank_blocks[1]) == sorted(full) and not set(rank_blocks[0]) & set(
+        rank_blocks[1]
+    )
+    iterators = [iter(loader) for loader in loaders]
+    for _ in range(3):  # 3 steps of 2 blocks on each of 2 ranks: the first 12 blocks of the epoch
+        for iterator in iterators:
+            next(iterator)
+    single = ResumableDataLoader(dataset, BlockSampler(dataset, True, 7), 4, 0, fingerprint)
+    single.load_state_dict(loaders[0].state_dict())
+    assert list(single.sampler) == full[12:]
