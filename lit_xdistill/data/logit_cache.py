@@ -119,6 +119,8 @@ def write_topk_cache(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    if k < 1:
+        raise LogitCacheError(f"k must be at least 1, got {k}.")
     datamodule.prepare_data()
     dataset = datamodule.dataset(split)
     if len(dataset) == 0:

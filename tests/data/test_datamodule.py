@@ -132,6 +132,9 @@ def test_bad_input_fails_early_with_the_fix(teacher_dir, tmp_path, text_dir):
     with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings=2048: lower seq_len"):
         make(teacher_dir, tmp_path, [text_dir], seq_len=3000).prepare_data()
     assert not (tmp_path / "cache").exists()  # none of the above started tokenising
+    (empty / "a.txt").write_text("  \n\n ")
+    with pytest.raises(ValueError, match="holds no documents with text"):
+        make(teacher_dir, tmp_path, [empty]).prepare_data()
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short")
     with pytest.raises(ValueError, match="fewer than one block of seq_len=64: add data or lower seq_len"):
