@@ -101,7 +101,7 @@ class WinTieCallback(L.Callback):
         state = trainer.strategy.lightning_module_state_dict()  # collective: every rank takes part
         if not trainer.is_global_zero:
             return None
-        sharded = pl_module.student
+        sharded = getattr(pl_module.student, "module", pl_module.student)  # unwrap a wrapped root
         prefix = "student."
         copy = type(sharded)(sharded.config).to(dtype=next(iter(state.values())).dtype)
         copy.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
