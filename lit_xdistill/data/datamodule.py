@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -256,38 +257,10 @@ class DistillDataModule(L.LightningDataModule):
             self._build_token_cache(target)
 
     def _build_token_cache(self, target: Path) -> None:
-        from tqdm.auto import tqdm
-
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            dtype = token_dtype(len(self.tokenizer))
-            writers = {split: TokenStreamWriter(tmp, split, dtype) for split in SPLITS}
-            started, per_source = time.perf_counter(), []
-            for source in self._check_inputs():
-                counts = {split: 0 for split in SPLITS}
-                documents = tqdm(source.documents(), desc=f"tokenising {source.spec}", unit=" docs")
-                for document, ids in encode_documents(self.tokenizer, documents):
-                    split = split_of(document)
-                    writers[split].add(ids)
-                    counts[split] += len(ids)
-                per_source.append({"spec": source.spec, "tokens": counts})
-                if not any(counts.values()):
-                    raise ValueError(f"Data source {source.spec!r} holds no documents with text.")
-            seconds = time.perf_counter() - started
-            splits = {split: writer.close() for split, writer in writers.items()}
-            total = sum(s["tokens"] for s in splits.values())
-            meta = {
-                "format": _TOKEN_CACHE_FORMAT,
-                "tokenizer": self.tokenizer_name,
-                "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
-                "vocab_size": len(self.tokenizer),
-                "dtype": dtype.name,
-                "splits": splits,
-                "sources": per_source,
-                "tokenize_seconds": round(seconds, 2),
-                "tokens_per_second": round(total / max(seconds, 1e-9)),
-            }
+            meta = self._tokenise_into(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 os.replace(tmp, target)  # atomic: the cache appears complete or not at all
@@ -296,6 +269,40 @@ class DistillDataModule(L.LightningDataModule):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _tokenise_into(self, folder: Path) -> dict[str, Any]:
+        """Tokenise every source into ``folder``'s split streams; returns the cache's meta."""
+        from tqdm.auto import tqdm
+
+        dtype = token_dtype(len(self.tokenizer))
+        started, per_source = time.perf_counter(), []
+        with ExitStack() as files:
+            writers = {
+                split: files.enter_context(TokenStreamWriter(folder, split, dtype)) for split in SPLITS
+            }
+            for source in self._check_inputs():
+                counts = {split: 0 for split in SPLITS}
+                documents = tqdm(source.documents(), desc=f"tokenising {source.spec}", unit=" docs")
+                for document, ids in encode_documents(self.tokenizer, documents):
+                    split = split_of(document)
+                    writers[split].add(ids)
+                    counts[split] += len(ids)
+                if not any(counts.values()):
+                    raise ValueError(f"Data source {source.spec!r} holds no documents with text.")
+                per_source.append({"spec": source.spec, "tokens": counts})
+            splits = {split: writer.close() for split, writer in writers.items()}
+        seconds = time.perf_counter() - started
+        return {
+            "format": _TOKEN_CACHE_FORMAT,
+            "tokenizer": self.tokenizer_name,
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "vocab_size": len(self.tokenizer),
+            "dtype": dtype.name,
+            "splits": splits,
+            "sources": per_source,
+            "tokenize_seconds": round(seconds, 2),
+            "tokens_per_second": round(sum(s["tokens"] for s in splits.values()) / max(seconds, 1e-9)),
+        }
 
     def _load_meta(self) -> dict[str, Any]:
         if not self.meta:

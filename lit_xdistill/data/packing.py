@@ -100,6 +100,12 @@ class TokenStreamWriter:
         self._handle = (directory / f"{split}.tokens.bin").open("wb")
         self._lengths: list[int] = []
 
+    def __enter__(self) -> TokenStreamWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.close()  # also on errors; a no-op after close()
+
     def add(self, ids: list[int]) -> None:
         """Append one document."""
         self._handle.write(np.asarray(ids, dtype=self.dtype).tobytes())
