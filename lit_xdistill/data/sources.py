@@ -46,6 +46,7 @@ class Source:
     spec: str
     kind: str
     files: list[Path] = field(default_factory=list)
+    _dataset: Any = field(default=None, repr=False, compare=False)  # the loaded hf: dataset
 
     def fingerprint(self) -> str:
         """A digest that changes whenever the documents this source yields may change."""
@@ -76,7 +77,7 @@ class Source:
                     yield document
 
     def _hf_dataset(self) -> Any:
-        if not hasattr(self, "_dataset"):
+        if self._dataset is None:
             import datasets
 
             name, config, split = (self.spec.removeprefix("hf:").split(":") + [None, None])[:3]
