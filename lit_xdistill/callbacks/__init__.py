@@ -1,4 +1,13 @@
 """Stage-independent callbacks."""
 
+from .reliability import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    NonFiniteError,
+    NonFiniteGuard,
+    PreemptionCheckpoint,
+)
 from .wintie import WinTieCallback
-from .reliability import AtomicCheckpointIO, CorruptCheckpointError, NonFiniteError, NonFiniteGuard, PreemptionCheckpoint
+
+__all__ = ["AtomicCheckpointIO", "CorruptCheckpointError", "NonFiniteError", "NonFiniteGuard",
+           "PreemptionCheckpoint", "WinTieCallback"]

@@ -271,12 +271,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Any | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Load ``path``; a truncated or foreign file raises :class:`CorruptCheckpointError` naming the fix."""
+        """Load ``path``; refuse a truncated or foreign file with :class:`CorruptCheckpointError`."""
         file = Path(path)
         if file.is_file() and not zipfile.is_zipfile(file):
             siblings = sorted(p.name for p in file.parent.glob("*.ckpt") if p != file)
             raise CorruptCheckpointError(
-                f"Checkpoint {file} is truncated or corrupted ({file.stat().st_size} bytes, no zip directory). "
+                f"Checkpoint {file} is truncated or corrupted ({file.stat().st_size} bytes, no zip "
+                "directory). "
                 f"Resume from another checkpoint with --ckpt_path <file> (in that folder: "
                 f"{', '.join(siblings) or 'none'}), or start without --ckpt_path."
             )

@@ -35,10 +35,18 @@ def teacher_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("teacher")
     tokenizer = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -55,8 +63,15 @@ def text_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def kd_overlay(teacher_dir: Path, text_dir: Path, root: Path, max_steps: int = 8, every_n_steps: int = 1,
-               callbacks: list[dict] | None = None, logit_cache: Path | None = None) -> Path:
+def kd_overlay(
+    teacher_dir: Path,
+    text_dir: Path,
+    root: Path,
+    max_steps: int = 8,
+    every_n_steps: int = 1,
+    callbacks: list[dict] | None = None,
+    logit_cache: Path | None = None,
+) -> Path:
     """Write ``root/tiny.yaml``: a config to put after ``configs/kd.yaml`` for a tiny CPU KD run.
 
     All outputs (logs, checkpoints, token cache) land under ``root``. ``trainer.callbacks`` replaces the
@@ -65,27 +80,53 @@ def kd_overlay(teacher_dir: Path, text_dir: Path, root: Path, max_steps: int = 8
     ``AtomicCheckpointIO``; TensorBoard events are written at every step (``max_queue: 1``) so that a
     SIGKILL loses none.
     """
-    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": every_n_steps,
-                                "save_last": True, "save_top_k": 1, "filename": "{step}"}}
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(root / "ckpt"),
+            "every_n_train_steps": every_n_steps,
+            "save_last": True,
+            "save_top_k": 1,
+            "filename": "{step}",
+        },
+    }
     config = {
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": max_steps,
-            "log_every_n_steps": 1, "val_check_interval": 1000, "limit_val_batches": 0,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(root / "runs"), "name": "kd", "max_queue": 1, "flush_secs": 1}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "val_check_interval": 1000,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(root / "runs"), "name": "kd", "max_queue": 1, "flush_secs": 1},
+            },
             "plugins": [{"class_path": "lit_xdistill.callbacks.AtomicCheckpointIO"}],
             "callbacks": [checkpoint, *(callbacks or [])],
         },
-        "model": {"init_args": {
-            "teacher": {"name": str(teacher_dir), "dtype": "float32"},
-            "student": {"init_from": None, "window": 16},
-            "lr": 1e-3, "warmup_steps": 2, "top_k": 8, "export_dir": None,
-        }},
-        "data": {"tokenizer": str(teacher_dir), "sources": [str(text_dir)], "seq_len": SEQ_LEN, "batch_size": 2,
-                 "cache_dir": str(root / "cache"),
-                 "logit_cache": None if logit_cache is None else str(logit_cache)},
+        "model": {
+            "init_args": {
+                "teacher": {"name": str(teacher_dir), "dtype": "float32"},
+                "student": {"init_from": None, "window": 16},
+                "lr": 1e-3,
+                "warmup_steps": 2,
+                "top_k": 8,
+                "export_dir": None,
+            }
+        },
+        "data": {
+            "tokenizer": str(teacher_dir),
+            "sources": [str(text_dir)],
+            "seq_len": SEQ_LEN,
+            "batch_size": 2,
+            "cache_dir": str(root / "cache"),
+            "logit_cache": None if logit_cache is None else str(logit_cache),
+        },
     }
     root.mkdir(parents=True, exist_ok=True)
     path = root / "tiny.yaml"
@@ -105,22 +146,36 @@ def logit_cache(teacher_dir, text_dir, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("logit_cache")
     overlay = kd_overlay(teacher_dir, text_dir, root)
-    cache_logits(config=[str(REPO / "configs" / "kd.yaml"), str(overlay)], out_dir=str(root / "logits"), k=8,
-                 device="cpu")
+    cache_logits(
+        config=[str(REPO / "configs" / "kd.yaml"), str(overlay)],
+        out_dir=str(root / "logits"),
+        k=8,
+        device="cpu",
+    )
     return root / "logits"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment of a CLI subprocess: offline, CPU threads capped, this folder importable."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}:{REPO}",
-            **extra}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{HERE}:{REPO}",
+        **extra,
+    }
 
 
 def launch_fit(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
     """Start ``lit-xdistill fit`` (with the given args) as a subprocess; stdout+stderr go to cwd/log.txt."""
     log = (cwd / "log.txt").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "lit_xdistill.cli", "fit", *args], cwd=cwd,
-                            env=cli_env(**env), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lit_xdistill.cli", "fit", *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def build_cli(overlay: Path, *extra: str):

@@ -25,16 +25,18 @@ class BatchRecorder(L.Callback):
     def __init__(self, path: str, sleep: float = 0.0) -> None:
         self.path, self.sleep = Path(path), sleep
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         digest = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
         with self.path.open("a") as handle:
             handle.write(f"{trainer.global_step} {digest}\n")
             handle.flush()
             os.fsync(handle.fileno())
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         time.sleep(self.sleep)
 
 
@@ -69,4 +71,3 @@ def read_records(path: Path) -> list[tuple[int, str]]:
         return []
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     return [(int(step), digest) for step, digest in rows]
-

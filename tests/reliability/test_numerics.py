@@ -31,10 +31,23 @@ class WeightWatch(L.Callback):
 
 
 def poisoned_cli(teacher_dir, text_dir, logit_cache, root, action: str, poison: str):
-    overlay = kd_overlay(teacher_dir, text_dir, root, max_steps=4, logit_cache=logit_cache, callbacks=[
-        {"class_path": "lit_xdistill.callbacks.NonFiniteGuard", "init_args": {"action": action}}])
-    return build_cli(overlay, "--model.class_path", "fault_injection.PoisonedKD",
-                     "--model.init_args.poison_steps", f"[{BAD_STEP}]", "--model.init_args.poison", poison)
+    overlay = kd_overlay(
+        teacher_dir,
+        text_dir,
+        root,
+        max_steps=4,
+        logit_cache=logit_cache,
+        callbacks=[{"class_path": "lit_xdistill.callbacks.NonFiniteGuard", "init_args": {"action": action}}],
+    )
+    return build_cli(
+        overlay,
+        "--model.class_path",
+        "fault_injection.PoisonedKD",
+        "--model.init_args.poison_steps",
+        f"[{BAD_STEP}]",
+        "--model.init_args.poison",
+        poison,
+    )
 
 
 def test_skip_drops_the_bad_step_and_counts_it(teacher_dir, text_dir, logit_cache, tmp_path):
@@ -71,6 +84,9 @@ def test_stop_saves_and_names_step_and_parameter(teacher_dir, text_dir, logit_ca
 
 def test_stop_on_nan_loss_names_the_loss(teacher_dir, text_dir, logit_cache, tmp_path):
     cli = poisoned_cli(teacher_dir, text_dir, logit_cache, tmp_path, "stop", "loss")
-    with pytest.raises(NonFiniteError, match=rf"step {BAD_STEP} .*loss is non-finite.*"
-                                             r"first module with a non-finite output on this batch: none"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"step {BAD_STEP} .*loss is non-finite.*"
+        r"first module with a non-finite output on this batch: none",
+    ):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
