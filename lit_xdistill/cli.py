@@ -7,6 +7,7 @@
     lit-xdistill export --config configs/kd.yaml --ckpt_path last.ckpt --out_dir runs/student
     lit-xdistill wintie TEACHER.json STUDENT.json --plot curve.png
     lit-xdistill evaluate --student runs/kd/student --teacher smollm2-135m-instruct
+    lit-xdistill merge --paths '[a, b]' --weights '[0.5, 0.5]' --out_dir runs/merged
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ class XDistillCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+
+    def before_instantiate_classes(self) -> None:
+        """A logit cache must come from this run's teacher: pin its identity unless set explicitly."""
+        from .teachers import TeacherSpec
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        data, teacher = cfg.get("data"), cfg.get("model.init_args.teacher")
+        if data is None or teacher is None or not data.get("logit_cache") or data.get("logit_cache_teacher"):
+            return
+        data.logit_cache_teacher = TeacherSpec(**dict(teacher)).identity
 
 
 def _build(config: list[str]) -> XDistillCLI:
@@ -95,8 +107,10 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-xdistill`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     from .eval.commands import evaluate, wintie
+    from .modules.merge import merge_experts, merge_report
 
-    extra = {"cache_logits": cache_logits, "export": export, "wintie": wintie, "evaluate": evaluate}
+    extra = {"cache_logits": cache_logits, "export": export, "wintie": wintie, "evaluate": evaluate,
+             "merge": merge_experts, "merge_report": merge_report}
     if argv and argv[0] in extra:
         from jsonargparse import auto_cli
 

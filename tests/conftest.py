@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, GPU tests skipped without CUDA, tiny teachers of every family."""
+"""Shared test set-up: offline hub, Triton interpreter on CPU, GPU tests skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -20,28 +20,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_teacher(family: str, seed: int = 0, **overrides):
-    """A tiny random CausalLM of a supported family (offline: built from its transformers config)."""
-    import transformers as tf
-
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    configs = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
-        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
-        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM, {"sliding_window": 8}),
-        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
-                        {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
-    }
-    config_cls, model_cls, extra = configs[family]
-    torch.manual_seed(seed)
-    config = config_cls(**{**common, **extra, **overrides})
-    return model_cls(config).eval()
-
-
-FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "gemma3_text"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -65,6 +66,7 @@ def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> 
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"init_from={source}: no config.json (expected an exported student folder)")
         student = XDistillForCausalLM.from_pretrained(path, dtype=torch.float32)
+        _record_seed(student, sorted(path.glob("*.safetensors")), path)
     elif path.suffix == ".ckpt" and path.is_file():
         student = student_from_teacher(teacher.load_model(), teacher.identity, **options.mixer_options()).float()
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
@@ -76,6 +78,7 @@ def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> 
                 f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); use the same student options "
                 "(mixer, window, feature_map) as the run that wrote it."
             )
+        _record_seed(student, [path], path)
     else:
         raise FileNotFoundError(f"init_from={source}: not an exported student folder nor a .ckpt file")
     found = student.config.teacher_identity
@@ -84,7 +87,37 @@ def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> 
             f"init_from={source} was distilled from teacher {found!r}, but this run's teacher is "
             f"{teacher.identity!r}. Point init_from at a result of the same teacher, or change model.teacher."
         )
+    _check_architecture(student, options, source)
     return student
+
+
+def _check_architecture(student: XDistillForCausalLM, options: StudentOptions, source: str) -> None:
+    """The run's student options must describe the architecture of the student it continues."""
+    wanted = {k: v for k, v in options.mixer_options().items() if not k.endswith("_backend")}
+    have = {k: getattr(student.config, k) for k in wanted}
+    diff = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}
+    if diff:
+        detail = ", ".join(f"{k}: result has {a!r}, this run asks for {b!r}" for k, (a, b) in diff.items())
+        raise StageHandoffError(
+            f"init_from={source} has another student architecture ({detail}). Set model.student to the "
+            "stage-I settings, or redo stage I with the new ones."
+        )
+    student.config.mlstm_backend, student.config.attention_backend = options.mlstm_backend, options.attention_backend
+    for mixer in student.mixers():
+        mixer.mlstm_backend, mixer.attention_backend = options.mlstm_backend, options.attention_backend
+
+
+def _record_seed(student: XDistillForCausalLM, files: list[Path], source: Path) -> None:
+    """Remember which stage-I result a run started from (merging requires one shared seed)."""
+    lineage = student.config.lineage
+    if not lineage.get("seed"):
+        digest = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+        lineage["seed"] = "sha256:" + digest.hexdigest()
+    lineage["init_from"] = str(source)
 
 
 def warmup_then(step: int, warmup: int, total: int, decay: str, final_ratio: float) -> float:
@@ -194,6 +227,10 @@ class StudentModule(L.LightningModule):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        data = getattr(datamodule, "source_specs", None)
+        self.student.config.lineage.update(stage=type(self).__name__, teacher=self.teacher_spec.identity,
+                                           data=list(data or []))
         try:
             self.student.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)

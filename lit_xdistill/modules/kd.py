@@ -43,7 +43,7 @@ class KDModule(StudentModule):
         if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight == 0:
             raise ValueError(f"ce_weight and kl_weight must be >= 0 and not both 0 (got {ce_weight}, {kl_weight})")
         self.ce_weight, self.kl_weight, self.top_k, self.train_params = ce_weight, kl_weight, top_k, train_params
-        self._live_teacher: XDistillForCausalLM | None = None  # not a submodule: kept out of checkpoints
+        self._live_teacher: XDistillForCausalLM | None = None
 
     def select_trainable(self) -> None:
         self.student.requires_grad_(self.train_params == "all")
@@ -55,7 +55,8 @@ class KDModule(StudentModule):
         if self._live_teacher is None:
             hf = self.teacher_spec.load_model()
             wrapped = student_from_teacher(hf, self.teacher_spec.identity, mixer="attention")
-            self._live_teacher = wrapped.requires_grad_(False).eval()
+            # object.__setattr__: a plain attribute, not a submodule, so it stays out of checkpoints
+            object.__setattr__(self, "_live_teacher", wrapped.requires_grad_(False).eval())
         return self._live_teacher.to(self.device)
 
     def teacher_topk(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

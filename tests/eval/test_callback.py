@@ -6,7 +6,7 @@ import math
 
 import lightning as L
 import torch
-from conftest import TinyTeacherSpec, make_tiny_llama
+from eval_helpers import TinyTeacherSpec, make_tiny_llama
 from torch.utils.data import DataLoader
 
 from lit_xdistill.callbacks import WinTieCallback

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TinyTeacherSpec, make_tiny_llama
+from eval_helpers import TinyTeacherSpec, make_tiny_llama
 
 from lit_xdistill.eval import harness, tasks
 from lit_xdistill.eval.commands import compare_results, evaluate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, tiny_teacher
+from tiny_teachers import FAMILY_NAMES, tiny_teacher
 
 from lit_xdistill.models import XDistillConfig, student_from_teacher
 from lit_xdistill.teachers import UnsupportedTeacherError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from tiny_teachers import tiny_teacher
 from transformers import AutoModelForCausalLM
 
 import lit_xdistill  # noqa: F401  (registers the Auto classes)

@@ -272,6 +272,7 @@ def test_capability_patching_retrains_one_expert_and_remerges(experts, teacher_d
             *common,
             "--trainer.max_steps=3",
             f"--model.student.init_from={seed}",
+            "--model.student.mixer=attention",  # the architecture of the stage-I result made above
             f"--model.export_dir={code}",
             "--model.lr=1e-3",
             "--model.warmup_steps=1",

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, build_cli, kd_overlay
+from reliability_helpers import REPO, build_cli, kd_overlay
 
 from lit_xdistill.callbacks import AtomicCheckpointIO, CorruptCheckpointError
 from lit_xdistill.data.logit_cache import LogitCacheError, TopKLogitCache

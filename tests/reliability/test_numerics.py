@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import build_cli, kd_overlay
+from reliability_helpers import build_cli, kd_overlay
 
 from lit_xdistill.callbacks import NonFiniteError, NonFiniteGuard
 

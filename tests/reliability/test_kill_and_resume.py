@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import build_cli, kd_args, kd_overlay, launch_fit
+from reliability_helpers import build_cli, kd_args, kd_overlay, launch_fit
 from fault_injection import read_records
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
