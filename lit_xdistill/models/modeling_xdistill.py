@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from ..teachers.families import adapter_for
 from .cache import HybridCache
@@ -28,9 +28,12 @@ __all__ = ["XDistillForCausalLM", "XDistillOutput", "student_from_teacher", "doc
 
 
 @dataclass
-class XDistillOutput(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus the per-layer alignment losses of stage I (layer -> MSE)."""
+class XDistillOutput(ModelOutput):
+    """Causal-LM output: loss, logits, the decoding cache, and stage I's per-layer losses (layer -> MSE)."""
 
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: HybridCache | None = None
     align_losses: dict[int, Tensor] | None = None
 
 
