@@ -69,19 +69,19 @@ def _leaves(name: str, group_map: dict[str, list[str]]) -> list[str]:
     return [leaf for child in group_map[name] for leaf in _leaves(child, group_map)]
 
 
-def _configure(manager: TaskManager, suite: EvalSuite, limit: int | None) -> dict[str, list[int]] | None:
-    """Load the suite once to map suite entries to leaf tasks; return per-leaf item indices."""
+def _item_indices(manager: TaskManager, suite: EvalSuite, limit: int | None) -> dict[str, list[int]] | None:
+    """Per-leaf item indices for ``limit`` (``None``: full sets); loads the suite to find group leaves."""
+    if limit is None:
+        return None
     loaded = manager.load(suite.task_names)
     group_map = loaded.get("group_map", {})
     samples: dict[str, list[int]] = {}
     for entry in suite.tasks:
         leaves = _leaves(entry.task, group_map)
-        per_leaf = None if limit is None else math.ceil(limit / len(leaves))
+        per_leaf = math.ceil(limit / len(leaves))
         for leaf in leaves:
-            if per_leaf is not None:
-                n = len(loaded["tasks"][leaf].eval_docs)
-                samples[leaf] = list(range(min(per_leaf, n)))
-    return samples or None
+            samples[leaf] = list(range(min(per_leaf, len(loaded["tasks"][leaf].eval_docs))))
+    return samples
 
 
 class _SuiteTaskManager:
@@ -133,7 +133,7 @@ def run_suite(
     suite = load_suite(suite)
     limit = effective_limit(suite, limit)
     manager = task_manager(suite, cache_dir)
-    samples = _configure(manager, suite, limit)
+    samples = _item_indices(manager, suite, limit)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     results = simple_evaluate(
         model=lm,
