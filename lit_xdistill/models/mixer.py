@@ -63,7 +63,7 @@ class FeatureMap(nn.Module):
         num_heads, head_dim, width = self.weight.shape
         g = torch.Generator().manual_seed(0)
         for h in range(num_heads):
-            q, _ = torch.linalg.qr(torch.randn(head_dim, max(head_dim, width), generator=g))
+            q, _ = torch.linalg.qr(torch.randn(head_dim, max(head_dim, width), generator=g, device="cpu"))
             with torch.no_grad():
                 self.weight[h].copy_(q[:, :width] * head_dim**-0.25)
 
@@ -153,6 +153,10 @@ class HybridMixer(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, *, scaling: float | None,
                 teacher_window: int | None, ctx: MixerContext) -> Tensor:
         """q (B, NH, S, D), k/v (B, NKV, S, D) after RoPE, x (B, S, hidden) -> (B, NH, S, D)."""
+        # Under autocast RoPE leaves q and k in fp32 (its cos/sin are fp32) while v is in the autocast
+        # dtype. SDPA would run in the autocast dtype; our kernels must too, or they fall back to fp32
+        # arithmetic (measured: 10x slower mLSTM on an H100).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         cache = ctx.cache
         state = cache.layer(self.layer_idx) if cache is not None else None
         segment_ids = ctx.segment_ids

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from ..models import XDistillForCausalLM, student_from_teacher
 from ..teachers import TeacherSpec
 
 __all__ = ["StudentOptions", "StudentModule", "StageHandoffError", "load_student"]
+
+
+_say = rank_zero_only(print)  # works with or without a Trainer attached
 
 
 class StageHandoffError(ValueError):
@@ -165,12 +169,12 @@ class StudentModule(L.LightningModule):
         opts = self.student_options
         if opts.init_from:
             student = load_student(opts.init_from, self.teacher_spec, opts)
-            self.print(f"[lit-xdistill] student loaded from {opts.init_from}")
+            _say(f"[lit-xdistill] student loaded from {opts.init_from}")
         else:
             teacher = self.teacher_spec.load_model()
             student = student_from_teacher(teacher, self.teacher_spec.identity, **opts.mixer_options()).float()
-            self.print("[lit-xdistill] no stage-I result given (student.init_from): starting from a freshly "
-                       "converted student")
+            _say("[lit-xdistill] no stage-I result given (student.init_from): starting from a freshly "
+                 "converted student")
         if opts.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         self.student = student
@@ -245,6 +249,6 @@ class StudentModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
             path = self.export(self.export_dir)
-            self.print(f"[lit-xdistill] student exported to {path}")
+            _say(f"[lit-xdistill] student exported to {path}")
         if self.export_dir:
             self.trainer.strategy.barrier("export")
