@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from .cache import HybridCache, LayerCache, slot_positions
 from .configuration_xdistill import XDistillConfig
 
-__all__ = ["ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_mixer", "head_layout", "register_attention_function"]
+__all__ = [
+    "ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_mixer", "head_layout", "register_attention_function",
+]
 
 ATTENTION_NAME = "xdistill"
 

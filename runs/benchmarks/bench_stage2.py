@@ -1,8 +1,8 @@
 """Stage II throughput: KD with cached logits and with a live teacher, beside plain fine-tuning.
 
 One process, one card, the same batch (B x S tokens of real text), bf16 autocast over fp32 master
-weights, AdamW. Each step = forward + backward + optimizer step of the real ``KDModule`` loss (its training_step minus logging);
-plain fine-tuning is the teacher itself (transformers, SDPA) trained with next-token CE. Medians over
+weights, AdamW. Each step = forward + backward + optimizer step of the real ``KDModule`` loss (its
+training_step minus logging); plain fine-tuning is the teacher itself (transformers, SDPA) trained with next-token CE. Medians over
 timed steps after warm-up (the first steps compile FlexAttention and the Triton kernels).
 
     python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --out results.md
@@ -48,6 +48,17 @@ def _train_step(model_step, params):
     return step
 
 
+def _plain_finetuning(spec: TeacherSpec, batch: dict, args) -> tuple[tuple, tuple]:
+    """Time plain fine-tuning of the teacher (what KD is compared with); return its teacher top-k too."""
+    plain = spec.load_model(batch["input_ids"].device).float().requires_grad_(True).train()
+    step = _train_step(lambda: plain(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
+                       list(plain.parameters()))
+    row = ("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps))
+    with torch.no_grad():  # the teacher top-k once, as the logit cache would hold it
+        topk = topk_logprobs(plain(input_ids=batch["input_ids"]).logits.flatten(0, 1), args.top_k)
+    return row, topk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -73,17 +84,8 @@ def main() -> None:
     }
     rows = []
 
-    # plain fine-tuning of the teacher (the throughput KD is compared with)
-    plain = spec.load_model(dev).float().requires_grad_(True).train()
-    plain_params = list(plain.parameters())
-    step = _train_step(lambda: plain(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, plain_params)
-    rows.append(("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps)))
-
-    # teacher top-k once, as the logit cache would hold it
-    with torch.no_grad():
-        logits = plain(input_ids=batch["input_ids"]).logits.flatten(0, 1)
-        cached_ids, cached_lp = topk_logprobs(logits, args.top_k)
-    del plain, plain_params, step, logits
+    plain_row, (cached_ids, cached_lp) = _plain_finetuning(spec, batch, args)
+    rows.append(plain_row)
     torch.cuda.empty_cache()
 
     module = KDModule(teacher=spec, student=StudentOptions(window=512, n_sinks=4), top_k=args.top_k)

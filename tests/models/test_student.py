@@ -28,7 +28,8 @@ def test_full_forward_equals_prefill_plus_decoding(mixer):
         parts = [student(x[:, :11], cache=cache, use_cache=True).logits]
         parts += [student(x[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(11, 30)]
         chunked_cache = HybridCache(batch_size=2)
-        chunked = [student(x[:, a:b], cache=chunked_cache, use_cache=True).logits for a, b in [(0, 5), (5, 17), (17, 30)]]
+        chunked = [student(x[:, a:b], cache=chunked_cache, use_cache=True).logits
+                   for a, b in [(0, 5), (5, 17), (17, 30)]]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(torch.cat(chunked, 1), full, rtol=1e-10, atol=1e-10)
 

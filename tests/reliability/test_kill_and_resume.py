@@ -16,9 +16,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from reliability_helpers import build_cli, kd_args, kd_overlay, launch_fit
 from fault_injection import read_records
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from reliability_helpers import build_cli, kd_args, kd_overlay, launch_fit
 
 MAX_STEPS = 10
 
