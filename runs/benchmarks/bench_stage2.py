@@ -2,8 +2,9 @@
 
 One process, one card, the same batch (B x S tokens of real text), bf16 autocast over fp32 master
 weights, AdamW. Each step = forward + backward + optimizer step of the real ``KDModule`` loss (its
-training_step minus logging); plain fine-tuning is the teacher itself (transformers, SDPA) trained with next-token CE. Medians over
-timed steps after warm-up (the first steps compile FlexAttention and the Triton kernels).
+training_step minus logging); plain fine-tuning is the teacher itself (transformers, SDPA) trained
+with next-token CE. Medians over timed steps after warm-up (the first steps compile FlexAttention and
+the Triton kernels).
 
     python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --out results.md
 """
