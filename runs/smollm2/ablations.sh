@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Small-budget ablations (issue 10): mixer (hybrid = mLSTM+SWA+sinks, mLSTM+SWA, mLSTM only, linear
+# attention; each with its own stage I and stage II at 0.9/0.1) and stage-II loss weighting (0.5/0.5, 0/1,
+# from the hybrid arm's stage-I student). Every arm is the recipe with configs/smollm2/ablations/small.yaml
+# and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
+# Writes $ABL_OUT/ablations.md: validation CE/KL (last validation of stage II) and α* (default suite,
+# first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ABL_OUT=${ABL_OUT:-$REPO/runs/smollm2-ablations}
+mkdir -p "$ABL_OUT"
+ABL_OUT=$(cd "$ABL_OUT" && pwd)
+arms_dir=$REPO/configs/smollm2/ablations
+export TOKEN_CACHE=$ABL_OUT/token-cache LOGITS=$ABL_OUT/logits
+export EXTRA_CONFIGS="$arms_dir/small.yaml ${EXTRA_CONFIGS:-}"
+export EVAL_LIMIT=${ABL_EVAL_LIMIT:-200}   # ~1 min per model on an H100 (docs/evaluation.md)
+
+OUT=$ABL_OUT/mixer-hybrid until_done "$here/00_cache_logits.sh"
+for mixer in hybrid swa-nosinks mlstm linear; do
+  arm=$ABL_OUT/mixer-$mixer
+  for step in 10_align 20_kd 30_eval 40_plots; do
+    OUT=$arm EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-$mixer.yaml" KD_CONFIGS="$arms_dir/loss-0.9-0.1.yaml" \
+      until_done "$here/$step.sh"
+  done
+done
+for loss in 0.5-0.5 0-1; do
+  arm=$ABL_OUT/loss-$loss
+  mkdir -p "$arm"
+  # the same stage-I student as the hybrid arm: only the stage-II loss differs
+  ln -sfn ../mixer-hybrid/align "$arm/align"
+  for step in 20_kd 30_eval 40_plots; do
+    OUT=$arm EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-hybrid.yaml" KD_CONFIGS="$arms_dir/loss-$loss.yaml" \
+      until_done "$here/$step.sh"
+  done
+done
+
+"$PY" - "$ABL_OUT" "${EVAL_SUITE:-$REPO/configs/eval/default.yaml}" <<'PY'
+import json, sys
+from pathlib import Path
+
+from lit_xdistill.eval.commands import compare_results
+from lit_xdistill.eval.report import load_results
+
+root, suite = Path(sys.argv[1]), sys.argv[2]
+arms = [("mixer-hybrid", "mLSTM + SWA + sinks", "0.9 / 0.1"), ("mixer-swa-nosinks", "mLSTM + SWA", "0.9 / 0.1"),
+        ("mixer-mlstm", "mLSTM only", "0.9 / 0.1"), ("mixer-linear", "linear attention", "0.9 / 0.1"),
+        ("loss-0.5-0.5", "mLSTM + SWA + sinks", "0.5 / 0.5"), ("loss-0-1", "mLSTM + SWA + sinks", "0 / 1")]
+lines = ["| arm | mixer | CE / KL weights | val CE | val KL | α* |", "|---|---|---|---:|---:|---:|"]
+for name, mixer, weights in arms:
+    arm = root / name
+    last = json.loads((arm / "summary.json").read_text())["kd"]["last"]
+    report = compare_results(load_results(arm / "eval/teacher.json"), load_results(arm / "eval/student.json"),
+                             suite=suite)
+    lines.append(f"| {name} | {mixer} | {weights} | {last['val/ce']:.4f} | {last['val/kl']:.4f} | "
+                 f"{report.alpha_star:.2f} |")
+table = "\n".join(lines) + "\n"
+(root / "ablations.md").write_text(table)
+print(table)
+PY
