@@ -200,21 +200,19 @@ class HybridMixer(nn.Module):
             out = xk.attention(q, k, v, window=window, n_sinks=n_sinks, segment_ids=segment_ids, scale=scaling,
                                backend=self.attention_backend)
             if cache is not None and update:
-                _fill_buffers(state, k, v, cache_doc_len(segment_ids, q), window, n_sinks)
+                _fill_buffers(state, k, v, cache_doc_len(segment_ids, q.shape[0], q.shape[2], q.device), window,
+                              n_sinks)
             return out
         return _cached_attention(q, k, v, state, cache.doc_len, window, n_sinks, scaling, update)
 
 
-def cache_doc_len(segment_ids: Tensor | None, q: Tensor) -> Tensor:
-    """Length (B,) of each row's last document in a fresh prompt."""
-    B, S = q.shape[0], q.shape[2]
+def cache_doc_len(segment_ids: Tensor | None, batch: int, seqlen: int, device: torch.device) -> Tensor:
+    """Length (B,) of each row's last document in a fresh prompt (the trailing run of the last id)."""
     if segment_ids is None:
-        return torch.full((B,), S, device=q.device, dtype=torch.long)
-    same = segment_ids == segment_ids[:, -1:]
-    # the last document is the trailing run of the last id
-    changed = (~same).long()
-    last_break = (changed * torch.arange(1, S + 1, device=q.device)).amax(-1)
-    return S - last_break
+        return torch.full((batch,), seqlen, device=device, dtype=torch.long)
+    changed = (segment_ids != segment_ids[:, -1:]).long()
+    last_break = (changed * torch.arange(1, seqlen + 1, device=device)).amax(-1)
+    return seqlen - last_break
 
 
 def _fill_buffers(state: LayerCache, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None,

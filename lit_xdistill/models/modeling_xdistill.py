@@ -169,7 +169,7 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         if cache is not None:
-            new_len = cache.doc_len + S if continuing else cache_doc_len(segment_ids, ref.new_empty(B, 1, S))
+            new_len = cache.doc_len + S if continuing else cache_doc_len(segment_ids, B, S, ref.device)
             cache.advance(new_len, S)
         return XDistillOutput(loss=out.loss, logits=out.logits, cache=cache,
                               align_losses=ctx.align_losses if align else None)
