@@ -6,15 +6,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 TOPK=${TOPK:-256}
 CACHE_BATCH=${CACHE_BATCH:-16}   # blocks per teacher forward: 16 x 4096 tokens keeps the top-k chunks small
 configs kd
-list=$(IFS=,; echo "[${CONFIGS[*]}]")
 start=$SECONDS
 for split in train val; do
   [[ -f $LOGITS/$split/manifest.json ]] && { echo "[smollm2] logits/$split: cached earlier"; continue; }
   left=$((CHUNK_SECONDS - (SECONDS - start)))
   (( left > 30 )) || exit $AGAIN
   rc=0
-  (cd "$OUT" && timeout --signal=TERM --kill-after=30 "$left" \
-     "$XD" cache_logits "$list" "$LOGITS" --split "$split" --k "$TOPK" --batch_size "$CACHE_BATCH") || rc=$?
+  # `lit-xdistill cache_logits` cannot take its config list from the command line (jsonargparse treats a
+  # parameter named `config` as its own --config and the call fails with "missing ... 'config'"), so the
+  # same function is called from Python
+  (cd "$OUT" && timeout --signal=TERM --kill-after=30 "$left" "$PY" -c \
+     'import sys; from lit_xdistill.cli import cache_logits
+cache_logits(sys.argv[5:], sys.argv[1], split=sys.argv[2], k=int(sys.argv[3]), batch_size=int(sys.argv[4]))' \
+     "$LOGITS" "$split" "$TOPK" "$CACHE_BATCH" "${CONFIGS[@]}") || rc=$?
   if [[ $rc == 124 || $rc == 137 ]]; then
     echo "[smollm2] logits/$split: piece ended at the time limit; run the script again to continue"
     exit $AGAIN

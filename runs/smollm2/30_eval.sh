@@ -38,7 +38,7 @@ yaml.safe_dump({"name": f"{suite['name']}-{sys.argv[2]}", "limit": suite.get("li
                open(sys.argv[3], "w"))
 PY
   rc=0
-  timeout --signal=TERM --kill-after=30 "$(left)" "$XD" evaluate --student "$STUDENT" --teacher "$TEACHER_NAME" \
+  timeout --signal=TERM --kill-after=30 "$(left)" "$XD" evaluate "$STUDENT" "$TEACHER_NAME" \
     --suite "$dir/suite.yaml" --out_dir "$dir" --limit "$EVAL_LIMIT" --batch_size "$EVAL_BATCH" || rc=$?
   if [[ $rc == 124 || $rc == 137 ]]; then
     echo "[smollm2] eval $task: piece ended at the time limit (teacher scores are kept); run again"

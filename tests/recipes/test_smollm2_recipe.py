@@ -1,0 +1,141 @@
+"""The SmolLM2 recipe (runs/smollm2, configs/smollm2): every config composes with its stage config, every
+script parses, and the scripts run end to end at a tiny scale on CPU (tiny random teacher, local text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_xdistill.cli import XDistillCLI
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS, CONFIGS = REPO / "runs" / "smollm2", REPO / "configs" / "smollm2"
+SCRIPTS = sorted(RUNS.glob("*.sh"))
+MIXER_ARMS = sorted((CONFIGS / "ablations").glob("mixer-*.yaml"))
+LOSS_ARMS = sorted((CONFIGS / "ablations").glob("loss-*.yaml"))
+COMPOSITIONS = (
+    [("align", []), ("kd", [])]
+    + [(stage, ["ablations/small.yaml", arm.relative_to(CONFIGS)]) for stage in ("align", "kd") for arm in MIXER_ARMS]
+    + [("kd", ["ablations/small.yaml", arm.relative_to(CONFIGS)]) for arm in LOSS_ARMS]
+)
+
+
+def chain(stage: str, extra: list) -> list[str]:
+    files = [REPO / "configs" / f"{stage}.yaml", CONFIGS / "data.yaml", CONFIGS / f"{stage}.yaml"]
+    files += [CONFIGS / e for e in extra]
+    return [a for f in files for a in ("--config", str(f))]
+
+
+@pytest.mark.parametrize("stage, extra", COMPOSITIONS, ids=lambda x: x if isinstance(x, str) else "+".join(map(str, x)))
+def test_config_composes(stage, extra, capsys):
+    with pytest.raises(SystemExit) as done:
+        XDistillCLI(args=["fit", *chain(stage, extra), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data, model = printed["data"], printed["model"]["init_args"]
+    assert data["sources"] == ["builtin:python-stdlib", "builtin:shakespeare", "builtin:gcide", "builtin:bible-kjv"]
+    # one pass over a fixed subset: the logit cache then holds exactly the trained blocks
+    assert data["max_train_tokens"] == printed["trainer"]["max_steps"] * data["batch_size"] * data["seq_len"]
+    checkpoint = printed["trainer"]["callbacks"][0]["init_args"]
+    assert checkpoint["dirpath"] == f"ckpt/{stage}" and checkpoint["save_last"]
+    for arm in extra:  # the arm's settings survive the composition
+        want = yaml.safe_load((CONFIGS / arm).read_text()).get("model", {}).get("init_args", {})
+        for key, value in want.items():
+            got = model[key]
+            assert ({k: got[k] for k in value} if isinstance(value, dict) else got) == value
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses(script):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama teacher (real SmolLM2 tokenizer), local text, an overlay and a 2-task suite."""
+    import transformers as tf
+
+    from lit_xdistill.teachers import TeacherSpec
+
+    root = tmp_path_factory.mktemp("recipe")
+    tok = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    words = "the cat sat on a mat while dogs ran over hills and rivers under bright stars".split()
+    for i in range(60):
+        text = " ".join(words[(i * 7 + j) % len(words)] for j in range(30 + 5 * (i % 9)))
+        (root / "text").mkdir(exist_ok=True)
+        (root / "text" / f"doc{i:02d}.txt").write_text(text)
+        (root / "licences").mkdir(exist_ok=True)
+        (root / "licences" / f"lic{i:02d}").write_text(f"Permission is granted, condition {i}. " * 20)
+    overlay = {
+        "trainer": {"accelerator": "cpu", "precision": "32-true", "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"init_args": {"teacher": {"dtype": "float32"}, "student": {"window": 16}}},
+        "data": {"sources": [str(root / "text")], "num_workers": 0, "val_blocks": 2},
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(overlay))
+    suite = {"name": "tiny", "limit": 2, "tasks": [{"task": "arc_easy", "shots": 0, "metric": "acc"},
+                                                   {"task": "piqa", "shots": 0, "metric": "acc_norm"}]}
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return root
+
+
+def run_script(name: str, env: dict, check_rc: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(["bash", str(RUNS / name)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == check_rc, f"{name} -> {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_tiny(tiny, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OUT": str(out), "TEACHER": str(tiny / "teacher"), "STEPS": "4", "SEQ_LEN": "32", "BATCH": "2",
+           "EXTRA_CONFIGS": str(tiny / "tiny.yaml"), "TOPK": "8", "CACHE_BATCH": "2",
+           "EVAL_SUITE": str(tiny / "suite.yaml"), "EVAL_LIMIT": "2", "EVAL_BATCH": "4",
+           "UNTRAINED": str(tiny / "licences"), "PPL_BLOCKS": "2"}
+    run_script("00_cache_logits.sh", env)
+    for split in ("train", "val"):
+        manifest = json.loads((out / "logits" / split / "manifest.json").read_text())
+        assert manifest["k"] == 8 and manifest["seq_len"] == 32
+    assert json.loads((out / "logits" / "train" / "manifest.json").read_text())["num_blocks"] == 4 * 2
+
+    run_script("10_align.sh", env)
+    assert (out / "align" / "student" / "config.json").is_file()
+    assert "finished earlier" in run_script("10_align.sh", env).stdout  # a finished stage is not redone
+
+    run_script("20_kd.sh", env)
+    last = torch.load(out / "ckpt" / "kd" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert json.loads((out / "kd" / "student" / "config.json").read_text())["lineage"]["stage"] == "KDModule"
+
+    printed = run_script("40_plots.sh", env).stdout
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["kd"]["max_steps"] == 4 and summary["kd"]["tokens"] == 4 * 2 * 32
+    assert {"val/ce", "val/kl"} <= set(summary["kd"]["last"])
+    assert (out / "plots" / "kd_train_loss.png").is_file() and (out / "plots" / "align_align_mse.png").is_file()
+
+    done = subprocess.run(["bash", str(RUNS / "30_eval.sh")], env=env, capture_output=True, text=True, timeout=900)
+    if "does not recognize this architecture" in done.stderr:  # evaluate's student load, see runs/smollm2/README.md
+        pytest.xfail("lit-xdistill evaluate cannot load the exported student (model type xdistill unregistered)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    student = json.loads((out / "eval" / "student.json").read_text())
+    assert {"arc_easy", "piqa"} <= set(student["results"])
+    assert "α*" in (out / "eval" / "report.md").read_text() and (out / "eval" / "wintie.png").is_file()
+    rows = json.loads((out / "eval" / "heldout_ppl.json").read_text())
+    assert [r["split"] for r in rows] == ["heldout", "all"]
+    assert all(r["tokens"] > 0 and 1 < r["teacher"] < 1e6 and 1 < r["student"] < 1e6 for r in rows)
+
