@@ -3,10 +3,10 @@
     lit-xdistill fit --config configs/align.yaml                  # stage I
     lit-xdistill fit --config configs/kd.yaml                     # stage II
     lit-xdistill fit --config configs/kd.yaml --config configs/teachers/gemma3-270m.yaml
-    lit-xdistill cache_logits --config configs/kd.yaml --out_dir runs/cache   # teacher top-k, once
-    lit-xdistill export --config configs/kd.yaml --ckpt_path last.ckpt --out_dir runs/student
+    lit-xdistill cache_logits '[configs/kd.yaml]' runs/kd/logits              # teacher top-k, once
+    lit-xdistill export '[configs/kd.yaml]' runs/kd/checkpoints/last.ckpt runs/kd/student
     lit-xdistill wintie TEACHER.json STUDENT.json --plot curve.png
-    lit-xdistill evaluate --student runs/kd/student --teacher smollm2-135m-instruct
+    lit-xdistill evaluate runs/kd/student smollm2-135m-instruct --suite default
     lit-xdistill merge --paths '[a, b]' --weights '[0.5, 0.5]' --out_dir runs/merged
 """
 
@@ -55,19 +55,19 @@ class XDistillCLI(LightningCLI):
         data.logit_cache_teacher = TeacherSpec(**dict(teacher)).identity
 
 
-def _build(config: list[str]) -> XDistillCLI:
+def _build(configs: list[str]) -> XDistillCLI:
     args: list[str] = []
-    for path in config:
+    for path in configs:
         args += ["--config", path]
     return XDistillCLI(args=args, run=False)
 
 
-def cache_logits(config: list[str], out_dir: str, k: int = 256, batch_size: int = 8, device: str = "auto",
+def cache_logits(configs: list[str], out_dir: str, k: int = 256, batch_size: int = 8, device: str = "auto",
                  split: str = "train") -> Path:
     """Run the teacher once over a stage's data and write its top-k next-token log-probs.
 
     Args:
-        config: the stage config file(s) (as given to ``fit --config``): teacher and data are taken from them.
+        configs: the stage config file(s) (as given to ``fit --config``): teacher and data are taken from them.
         out_dir: folder to write (``<out_dir>/<split>``); point ``data.logit_cache`` at ``out_dir``.
         k: teacher tokens kept per position.
         batch_size: blocks per teacher forward pass.
@@ -79,7 +79,7 @@ def cache_logits(config: list[str], out_dir: str, k: int = 256, batch_size: int 
     from .data.logit_cache import write_topk_cache
     from .models import student_from_teacher
 
-    cli = _build(config)
+    cli = _build(configs)
     spec = cli.model.teacher_spec
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     teacher = student_from_teacher(spec.load_model(), spec.identity, mixer="attention").to(dev).eval()
@@ -87,15 +87,15 @@ def cache_logits(config: list[str], out_dir: str, k: int = 256, batch_size: int 
                             teacher_identity=spec.identity, device=dev, split=split)
 
 
-def export(config: list[str], ckpt_path: str, out_dir: str) -> Path:
+def export(configs: list[str], ckpt_path: str, out_dir: str) -> Path:
     """Export the student of a Lightning checkpoint as a plain HF folder.
 
     Args:
-        config: the stage config file(s) the checkpoint was trained with.
+        configs: the stage config file(s) the checkpoint was trained with.
         ckpt_path: the ``.ckpt`` file.
         out_dir: folder to write (weights, config, tokenizer).
     """
-    cli = _build(config)
+    cli = _build(configs)
     cli.model.student_options.init_from = ckpt_path
     cli.model.configure_model()
     path = cli.model.export(out_dir)

@@ -24,7 +24,7 @@ lit-xdistill fit --config configs/kd.yaml "${CPU[@]}" \
   --model.init_args.export_dir "$OUT/kd/student"
 
 echo "== Win-and-Tie: student vs teacher on the quick suite ($EVAL_LIMIT items per task)"
-lit-xdistill evaluate --student "$OUT/kd/student" --teacher smollm2-135m-instruct \
+lit-xdistill evaluate "$OUT/kd/student" smollm2-135m-instruct \
   --suite configs/eval/quick.yaml --limit "$EVAL_LIMIT" --out_dir "$OUT/eval" --device cpu
 
 python - "$OUT" <<'PY'

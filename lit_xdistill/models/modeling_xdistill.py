@@ -188,6 +188,13 @@ def student_from_teacher(teacher: PreTrainedModel, teacher_identity: str | None 
     config = XDistillConfig(teacher_config=teacher.config.to_dict(), teacher_identity=teacher_identity,
                             **mixer_options)
     student = XDistillForCausalLM(config).to(dtype=teacher.dtype)
+    # Non-persistent buffers (RoPE's inv_freq) are not in the state dict: copy them with their dtype,
+    # which from_pretrained(dtype=bf16) leaves at fp32 and a plain .to(bf16) would round.
+    teacher_buffers = dict(teacher.named_buffers())
+    for name, _ in list(student.backbone.named_buffers()):
+        if name in teacher_buffers:
+            owner, _, attr = name.rpartition(".")
+            student.backbone.get_submodule(owner)._buffers[attr] = teacher_buffers[name].clone()
     missing, unexpected = student.backbone.load_state_dict(teacher.state_dict(), strict=False)
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     missing = [k for k in missing if ".xdistill_mixer." not in k]

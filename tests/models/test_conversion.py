@@ -92,3 +92,16 @@ def test_per_layer_mixers():
     student = student_from_teacher(teacher, mixer=["attention", "hybrid"])
     assert [m.kind for m in student.mixers()] == ["attention", "hybrid"]
     assert isinstance(student.config, XDistillConfig)
+
+
+def test_bf16_teacher_from_pretrained_is_reproduced_exactly(tmp_path):
+    """RoPE's inv_freq is a non-persistent buffer: it must keep the teacher's dtype (fp32), not be rounded."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_teacher("llama", rope_theta=5e5).save_pretrained(tmp_path)
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    student = student_from_teacher(teacher, mixer="attention")
+    assert student.backbone.model.rotary_emb.inv_freq.dtype == teacher.model.rotary_emb.inv_freq.dtype
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(teacher(x).logits, student(x).logits)
