@@ -7,9 +7,9 @@ Distributed runs: the evaluation runs on global rank 0 only; the other ranks wai
 that hands rank 0's metrics to every rank, so all ranks log the same values. Under DDP the process
 group's timeout (Lightning's default: 30 min) must exceed one evaluation: keep ``limit`` small or raise
 the strategy's ``timeout``. Under FSDP (``FSDPStrategy`` or ``ModelParallelStrategy``) the student is
-sharded: every rank first takes part in ``strategy.lightning_module_state_dict()``, which gathers the
-full state dict onto rank 0 (CPU-offloaded), and rank 0 evaluates an unsharded copy of the student
-built from its config (keys under ``student.``); this needs CPU memory for one full copy on rank 0.
+sharded: every rank first takes part in ``StudentModule.gathered_student_state()``, which gathers the
+full state dict (also with sharded checkpoints) onto rank 0, CPU-offloaded, and rank 0 evaluates an
+unsharded copy of the student built from its config; this needs CPU memory for one full copy on rank 0.
 """
 
 from __future__ import annotations
@@ -98,13 +98,12 @@ class WinTieCallback(L.Callback):
 
         if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
             return pl_module.student if trainer.is_global_zero else None
-        state = trainer.strategy.lightning_module_state_dict()  # collective: every rank takes part
+        state = pl_module.gathered_student_state()  # collective: every rank takes part
         if not trainer.is_global_zero:
             return None
         sharded = getattr(pl_module.student, "module", pl_module.student)  # unwrap a wrapped root
-        prefix = "student."
         copy = type(sharded)(sharded.config).to(dtype=next(iter(state.values())).dtype)
-        copy.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        copy.load_state_dict(state)
         return copy.to(pl_module.device)
 
     def _teacher(self, pl_module: L.LightningModule) -> dict[str, Any]:

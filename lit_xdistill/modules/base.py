@@ -14,8 +14,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..models import XDistillForCausalLM, student_from_teacher
 from ..teachers import TeacherSpec
@@ -210,10 +212,23 @@ class StudentModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- logging ----------------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the global norm; under FSDP through the root module, whose norm spans all shards
+        (Lightning's FSDP precision plugin refuses norm clipping itself)."""
+        model = self.trainer.strategy.model
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(model, FullyShardedDataParallel):
+            model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.student.parameters() if p.grad is not None]
         if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+            squared = torch.stack(norms).square().sum()
+            if isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+                squared = self.trainer.strategy.reduce(squared, reduce_op="sum")  # shards -> global norm
+            self.log("train/grad_norm", squared.sqrt(), on_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -226,29 +241,57 @@ class StudentModule(L.LightningModule):
             self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
 
     # -- export -----------------------------------------------------------------------------------
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write the student (weights, config, tokenizer) as a plain HF folder, atomically."""
+    def export(self, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> Path:
+        """Write the student (weights, config, tokenizer) as a plain HF folder, atomically.
+
+        Args:
+            path: the folder to write (replaced if it exists).
+            state: the full student state dict gathered from FSDP shards (a sharded module cannot be
+                saved); None saves ``self.student`` as it is.
+        """
+        student = self.student
+        if state is not None:
+            student = type(student)(student.config)
+            student.load_state_dict(state)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         data = getattr(datamodule, "source_specs", None)
-        self.student.config.lineage.update(stage=type(self).__name__, teacher=self.teacher_spec.identity,
-                                           data=list(data or []))
+        student.config.lineage.update(stage=type(self).__name__, teacher=self.teacher_spec.identity,
+                                      data=list(data or []))
         try:
-            self.student.save_pretrained(tmp)
+            student.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            # never a moment without a complete folder at `target`: old -> backup, new -> target
+            backup = target.with_name(target.name + ".old")
             if target.exists():
-                shutil.rmtree(target)
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(target, backup)
             os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            path = self.export(self.export_dir)
+        if not self.export_dir:
+            return
+        state = self.gathered_student_state()  # collective under FSDP: every rank takes part
+        if self.trainer.is_global_zero:
+            path = self.export(self.export_dir, state)
             _say(f"[lit-xdistill] student exported to {path}")
-        if self.export_dir:
-            self.trainer.strategy.barrier("export")
+        self.trainer.strategy.barrier("export")
+
+    def gathered_student_state(self) -> dict[str, Tensor] | None:
+        """Under FSDP the student's full (unsharded) state dict on CPU, complete on rank 0; otherwise None.
+
+        Collective: every rank must call it. Works with ``state_dict_type: sharded`` checkpoints too."""
+        if not isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.trainer.strategy.model, options=options)
+        return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}

@@ -12,13 +12,8 @@ for split in train val; do
   left=$((CHUNK_SECONDS - (SECONDS - start)))
   (( left > 30 )) || exit $AGAIN
   rc=0
-  # `lit-xdistill cache_logits` cannot take its config list from the command line (jsonargparse treats a
-  # parameter named `config` as its own --config and the call fails with "missing ... 'config'"), so the
-  # same function is called from Python
-  (cd "$OUT" && timeout --signal=TERM --kill-after=30 "$left" "$PY" -c \
-     'import sys; from lit_xdistill.cli import cache_logits
-cache_logits(sys.argv[5:], sys.argv[1], split=sys.argv[2], k=int(sys.argv[3]), batch_size=int(sys.argv[4]))' \
-     "$LOGITS" "$split" "$TOPK" "$CACHE_BATCH" "${CONFIGS[@]}") || rc=$?
+  (cd "$OUT" && timeout --signal=TERM --kill-after=30 "$left" "$XD" cache_logits \
+     "[$(IFS=,; echo "${CONFIGS[*]}")]" "$LOGITS" --split "$split" --k "$TOPK" --batch_size "$CACHE_BATCH") || rc=$?
   if [[ $rc == 124 || $rc == 137 ]]; then
     echo "[smollm2] logits/$split: piece ended at the time limit; run the script again to continue"
     exit $AGAIN

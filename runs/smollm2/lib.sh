@@ -9,7 +9,7 @@
 #   SEQ_LEN, BATCH data.seq_len, data.batch_size
 #   EXTRA_CONFIGS  space-separated config files appended to every composition (ablation arms, smoke test)
 #   KD_CONFIGS     like EXTRA_CONFIGS, stage II only (loss weightings: AlignmentModule has no ce/kl weights)
-#   EXTRA_ARGS     extra arguments of `lit-xdistill fit` (not of cache_logits, which takes config files only)
+#   EXTRA_ARGS     extra arguments of `lit-xdistill fit` (cache_logits takes the config files only)
 #   CHUNK_SECONDS  wall-clock length of one piece (default 480: the device allows 600 s per command, and
 #                  start-up, the last step and the checkpoint write must fit in the remainder)
 #   LOGITS         teacher top-k cache folder (default logits inside OUT; ablation arms share one)

@@ -73,10 +73,10 @@ def tiny(tmp_path_factory):
     tf.LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
     words = "the cat sat on a mat while dogs ran over hills and rivers under bright stars".split()
-    for i in range(60):
+    for i in range(300):  # enough documents for the 2% held-out split to hold some
         text = " ".join(words[(i * 7 + j) % len(words)] for j in range(30 + 5 * (i % 9)))
         (root / "text").mkdir(exist_ok=True)
-        (root / "text" / f"doc{i:02d}.txt").write_text(text)
+        (root / "text" / f"doc{i:03d}.txt").write_text(text)
         (root / "licences").mkdir(exist_ok=True)
         (root / "licences" / f"lic{i:02d}").write_text(f"Permission is granted, condition {i}. " * 20)
     overlay = {
@@ -129,7 +129,7 @@ def test_recipe_end_to_end_tiny(tiny, tmp_path):
     assert (out / "plots" / "kd_train_loss.png").is_file() and (out / "plots" / "align_align_mse.png").is_file()
 
     done = subprocess.run(["bash", str(RUNS / "30_eval.sh")], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-3000:], [l for l in done.stderr.splitlines() if "it/s" not in l][-40:])
     student = json.loads((out / "eval" / "student.json").read_text())
     assert {"arc_easy", "piqa"} <= set(student["results"])
     assert "α*" in (out / "eval" / "report.md").read_text() and (out / "eval" / "wintie.png").is_file()

@@ -147,7 +147,7 @@ def logit_cache(teacher_dir, text_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("logit_cache")
     overlay = kd_overlay(teacher_dir, text_dir, root)
     cache_logits(
-        config=[str(REPO / "configs" / "kd.yaml"), str(overlay)],
+        configs=[str(REPO / "configs" / "kd.yaml"), str(overlay)],
         out_dir=str(root / "logits"),
         k=8,
         device="cpu",

@@ -48,7 +48,7 @@ def test_failed_shard_write_leaves_no_cache(teacher_dir, text_dir, tmp_path, mon
     monkeypatch.setattr("safetensors.torch.save_file", lambda tensors, path: half_written(path))
     with pytest.raises(OSError, match="injected"):
         cache_logits(
-            config=[str(REPO / "configs" / "kd.yaml"), str(overlay)],
+            configs=[str(REPO / "configs" / "kd.yaml"), str(overlay)],
             out_dir=str(tmp_path / "logits"),
             k=8,
             device="cpu",
