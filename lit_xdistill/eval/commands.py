@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,20 +148,28 @@ def evaluate(
     task_manager(loaded_suite)  # fail on unknown tasks or missing data before loading any model
     spec = resolve_teacher(teacher)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher_json = teacher_results(spec, loaded_suite, limit, batch_size, device)
-    (out / "teacher.json").write_text(json.dumps(teacher_json, indent=2))
-
-    model, tokenizer = _load_student(student, spec)
-    student_json = run_suite(model.to(device), tokenizer, loaded_suite, limit, batch_size)
-    (out / "student.json").write_text(json.dumps(student_json, indent=2))
-
-    result = compare_results(teacher_json, student_json, suite=suite)
-    text = markdown_report(result, teacher_label=f"teacher ({spec.identity})", student_label="student")
-    (out / "report.md").write_text(
-        f"# Win-and-Tie: {student} vs {spec.identity}, suite {loaded_suite.name}\n\n{text}"
-    )
-    save_coverage_plot({Path(student).name or "student": result}, out / "wintie.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # everything goes to a temporary folder renamed into place at the end: a crash never leaves a
+    # half-written report that looks complete
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        teacher_json = teacher_results(spec, loaded_suite, limit, batch_size, device)
+        (tmp / "teacher.json").write_text(json.dumps(teacher_json, indent=2))
+        model, tokenizer = _load_student(student, spec)
+        student_json = run_suite(model.to(device), tokenizer, loaded_suite, limit, batch_size)
+        (tmp / "student.json").write_text(json.dumps(student_json, indent=2))
+        result = compare_results(teacher_json, student_json, suite=suite)
+        text = markdown_report(result, teacher_label=f"teacher ({spec.identity})", student_label="student")
+        (tmp / "report.md").write_text(
+            f"# Win-and-Tie: {student} vs {spec.identity}, suite {loaded_suite.name}\n\n{text}"
+        )
+        save_coverage_plot({Path(student).name or "student": result}, tmp / "wintie.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(text)
     return out
 

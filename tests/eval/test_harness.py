@@ -147,6 +147,31 @@ def test_evaluate_command_writes_results_report_and_plot(tmp_path, tiny_tokenize
     assert "| piqa | acc_norm |" in (out / "report.md").read_text()
 
 
+def test_failed_evaluation_leaves_the_previous_report_untouched(tmp_path, tiny_tokenizer, eval_cache, monkeypatch):
+    """The report folder is written under a temporary name and renamed: a crash leaves no partial report."""
+    from lit_xdistill.eval import commands
+
+    monkeypatch.setattr(tasks, "DEFAULT_CACHE_DIR", eval_cache)
+    monkeypatch.setattr(harness, "DEFAULT_CACHE_DIR", eval_cache)
+    student = tmp_path / "student"
+    make_tiny_llama(len(tiny_tokenizer), seed=2).save_pretrained(student)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: t\nlimit: 2\ntasks:\n  - {task: piqa, metric: acc_norm}\n")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.md").write_text("previous report")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(commands, "save_coverage_plot", crash)
+    with pytest.raises(OSError, match="injected"):
+        evaluate(str(student), TinyTeacherSpec(tiny_tokenizer), str(suite), str(out), device="cpu")
+    assert [p.name for p in out.iterdir()] == ["report.md"]
+    assert (out / "report.md").read_text() == "previous report"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
 def test_student_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tokenizer):
     """The hybrid student through HFLM: batch 1 vs batch 8 with right padding give the same scores."""
     models = pytest.importorskip("lit_xdistill.models")
