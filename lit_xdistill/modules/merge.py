@@ -548,8 +548,13 @@ class MergeModule(KDModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/grad_norm", self.merge_logits.grad.detach().norm(), on_step=True)
 
-    def export(self, path: str | os.PathLike) -> Path:
-        """Stream the merge with the learned λ from the expert files; λ also goes to a JSON file."""
+    def export(self, path: str | os.PathLike, state: dict | None = None) -> Path:
+        """Stream the merge with the learned λ from the expert files; λ also goes to a JSON file.
+
+        Args:
+            path: the folder to write.
+            state: unused: the merged weights are streamed from the expert files, not gathered.
+        """
         lam = self.coefficients().detach().cpu().double()
         rows = lam.tolist()
         groups = (
