@@ -50,37 +50,13 @@ class SegmentAwareLlama(torch.nn.Module):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> Path:
     """A local teacher folder: a 384-token byte-level BPE tokenizer with a chat template + tiny Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_teachers import bpe_tokenizer, save_tiny_teacher
 
-    folder = tmp_path_factory.mktemp("tiny_teacher")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(sample_texts(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", model_max_length=4096
-    )
+    tokenizer = bpe_tokenizer(sample_texts(), 384, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                              eos="<|im_end|>", bos="<|im_start|>", max_length=4096)
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"), tokenizer, hidden_size=32,
+                             intermediate_size=64, max_position_embeddings=2048, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,21 +34,10 @@ def tiny_tokenizer():
 
 def make_tiny_llama(vocab_size: int, seed: int = 0):
     """A 2-layer random LlamaForCausalLM with hidden size 32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_teachers import tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size, seed, hidden_size=32, intermediate_size=64, max_position_embeddings=4096,
+                      bos_token_id=0, eos_token_id=0)
 
 
 @pytest.fixture

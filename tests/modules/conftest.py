@@ -5,24 +5,17 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
-    import transformers as tf
+    from tiny_teachers import save_tiny_teacher
 
     from lit_xdistill.teachers import TeacherSpec
 
-    tok = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("teacher")
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    tokenizer = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
+    return str(save_tiny_teacher(tmp_path_factory.mktemp("teacher"), tokenizer, max_position_embeddings=256,
+                                 tie_word_embeddings=True))
 
 
 @pytest.fixture(scope="session")

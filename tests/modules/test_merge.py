@@ -35,33 +35,12 @@ def _texts() -> list[str]:
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     """A local teacher folder: byte-level BPE tokenizer (256 + merges) and a tiny random Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_teachers import bpe_tokenizer, save_tiny_teacher
 
-    folder = tmp_path_factory.mktemp("teacher")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(_texts(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>", model_max_length=1024
-    )
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    tokenizer = bpe_tokenizer(_texts(), 320, ["<|endoftext|>"], eos="<|endoftext|>", bos="<|endoftext|>",
+                              max_length=1024)
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), tokenizer, hidden_size=32, intermediate_size=64,
+                             max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 HERE = Path(__file__).parent
@@ -29,28 +28,13 @@ PARAGRAPHS = [
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> Path:
     """A tiny random ``LlamaForCausalLM`` (2 layers, hidden 64) saved with the real SmolLM2 tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_teachers import save_tiny_teacher
 
     from lit_xdistill.teachers import TeacherSpec
 
-    folder = tmp_path_factory.mktemp("teacher")
     tokenizer = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), tokenizer, max_position_embeddings=256,
+                             tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
