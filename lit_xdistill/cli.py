@@ -107,7 +107,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-xdistill`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     from .eval.commands import evaluate, wintie
-    from .modules.merge import merge_experts, merge_report
+    from .modules.experts import merge_experts
+    from .modules.merge import merge_report
 
     extra = {"cache_logits": cache_logits, "export": export, "wintie": wintie, "evaluate": evaluate,
              "merge": merge_experts, "merge_report": merge_report}

@@ -11,13 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lit_xdistill.models import XDistillForCausalLM, student_from_teacher
-from lit_xdistill.modules.merge import (
-    MergeCompatibilityError,
-    MergeModule,
-    check_experts,
-    merge_experts,
-    merge_report,
-)
+from lit_xdistill.modules.experts import MergeCompatibilityError, check_experts, merge_experts
+from lit_xdistill.modules.merge import MergeModule, merge_report
 from lit_xdistill.teachers import TeacherSpec
 
 REPO = Path(__file__).resolve().parents[2]
