@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,8 @@ class AlignmentModule(StudentModule):
                  export_dir: str | None = None):
         super().__init__(teacher, student, lr, warmup_steps, weight_decay, export_dir)
         self.final_lr_ratio = min_lr / lr
+        # The frozen backbone is in eval mode on purpose; Lightning would warn about it at every fit start.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
     def select_trainable(self) -> None:
         self.student.requires_grad_(False)
