@@ -138,3 +138,8 @@ def test_recipe_end_to_end_tiny(tiny, tmp_path):
     assert [r["split"] for r in rows] == ["heldout", "all"]
     assert all(r["tokens"] > 0 and 1 < r["teacher"] < 1e6 and 1 < r["student"] < 1e6 for r in rows)
 
+
+    # all.sh as one device piece: every step is done, so the piece finishes at once ...
+    assert "recipe complete" in run_script("all.sh", {**env, "PIECE_SECONDS": "600"}).stdout
+    # ... and a piece too short for any step stops with "call again" before starting one
+    assert "piece used up" in run_script("all.sh", {**env, "PIECE_SECONDS": "5"}, check_rc=75).stdout
