@@ -1,7 +1,9 @@
 """mLSTM and attention kernels of lit-xdistill (imported as `xdistill_kernels`; depends on torch and triton).
 
-Public API: mlstm, mlstm_step, mlstm_fresh_state, attention, MLSTMState. Semantics of the mLSTM (and what its
-backward differentiates) are stated in `reference.py`; docs/kernels.md has the derivations and design notes.
+Public API: mlstm, mlstm_step, mlstm_fresh_state, attention, MLSTMState, and the hybrid mixer's fused
+per-position ops feature_map, gate_activations, gate_mix (`fused_mixer_ops.py`, imported on first use so that
+TRITON_INTERPRET can be set before any Triton kernel is defined). Semantics of the mLSTM (and what its backward
+differentiates) are stated in `reference.py`; docs/kernels.md has the derivations and design notes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,21 @@ from .reference import (
     mlstm_step_reference,
 )
 
-__all__ = ["MLSTMState", "attention", "mlstm", "mlstm_fresh_state", "mlstm_step"]
+__all__ = [
+    "MLSTMState", "attention", "feature_map", "gate_activations", "gate_mix", "mlstm", "mlstm_fresh_state",
+    "mlstm_step",
+]
+
+_FUSED_MIXER_OPS = ("feature_map", "gate_activations", "gate_mix")
+
+
+def __getattr__(name: str):
+    """The fused mixer ops, imported from `fused_mixer_ops` on first access (module docstring)."""
+    if name in _FUSED_MIXER_OPS:
+        from . import fused_mixer_ops
+
+        return getattr(fused_mixer_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def mlstm(

@@ -8,6 +8,9 @@ Memory is therefore constant in the generated length. Layers that keep the teach
 Every row decodes the *last* document of its prompt (left padding is a document of its own), so the slot
 positions follow from one number per row, ``doc_len`` (tokens of the current document seen so far):
 window slot s holds document position ``doc_len - W + s`` (negative: empty), sink slot s position s.
+
+This cache is the reference: it grows its window with ``torch.cat`` and slices it every step. The fast path's
+``StaticHybridCache`` (``decoding.py``) keeps the same state in buffers updated in place.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class LayerCache:
     win_k: Tensor | None = None  # (B, NKV, W or growing, D), oldest first
     win_v: Tensor | None = None
 
+    def store_mlstm(self, state: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Keep the mLSTM state after a forward pass."""
+        self.mlstm = state
+
 
 @dataclass
 class HybridCache:
@@ -39,6 +46,11 @@ class HybridCache:
     layers: dict[int, LayerCache] = field(default_factory=dict)
     doc_len: Tensor | None = None  # (B,) tokens of each row's current document already consumed
     seen_tokens: int = 0  # columns of input_ids consumed (what generate() slices by)
+
+    # What transformers' generate() asks of a cache: never torch.compile the forward around it (the static
+    # cache replays its own CUDA graph), and let prepare_inputs_for_generation slice the inputs.
+    is_compileable = False
+    is_linear = (True,)
 
     def layer(self, idx: int) -> LayerCache:
         """The state of layer ``idx`` (created empty on first use)."""

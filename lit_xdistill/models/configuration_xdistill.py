@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
-__all__ = ["XDistillConfig", "MIXER_KINDS", "FEATURE_MAPS"]
+__all__ = ["XDistillConfig", "MIXER_KINDS", "FEATURE_MAPS", "POINTWISE_BACKENDS"]
 
 # Per-layer mixers. "hybrid" is the paper's student; the others exist for ablations.
 MIXER_KINDS = ("hybrid", "mlstm", "swa", "linear", "attention")
 FEATURE_MAPS = ("softmax_pm", "softmax")
+POINTWISE_BACKENDS = ("auto", "triton", "torch")
 
 
 class XDistillConfig(PretrainedConfig):
@@ -36,6 +37,9 @@ class XDistillConfig(PretrainedConfig):
         mlstm_backend: ``auto`` (Triton on CUDA, torch chunkwise on CPU), ``triton``, ``chunkwise``,
             ``parallel`` or ``recurrent`` (see ``xdistill_kernels.mlstm``).
         attention_backend: ``auto``, ``flex`` or ``sdpa`` (see ``xdistill_kernels.attention``).
+        pointwise_backend: the mixer's feature maps, gate activations and output mix: ``auto`` (fused
+            Triton kernels on CUDA, plain torch otherwise), ``triton`` (fused; on CPU only under
+            ``TRITON_INTERPRET=1``) or ``torch`` (the reference: one torch op each). Same math either way.
         teacher_identity: id of the teacher the student was converted from (checked at stage hand-off).
         lineage: free-form provenance (stage history, seed student) used by merging.
     """
@@ -56,6 +60,7 @@ class XDistillConfig(PretrainedConfig):
         gate_softcap: float = 15.0,
         mlstm_backend: str = "auto",
         attention_backend: str = "auto",
+        pointwise_backend: str = "auto",
         teacher_identity: str | None = None,
         lineage: dict | None = None,
         **kwargs,
@@ -72,6 +77,7 @@ class XDistillConfig(PretrainedConfig):
         self.gate_softcap = gate_softcap
         self.mlstm_backend = mlstm_backend
         self.attention_backend = attention_backend
+        self.pointwise_backend = pointwise_backend
         self.teacher_identity = teacher_identity
         self.lineage = lineage or {}
         if self.teacher_config:
@@ -108,6 +114,9 @@ class XDistillConfig(PretrainedConfig):
             raise ValueError(f"unknown mixer kind(s) {bad}; choose from {', '.join(MIXER_KINDS)}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature_map {self.feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
+        if self.pointwise_backend not in POINTWISE_BACKENDS:
+            raise ValueError(f"unknown pointwise_backend {self.pointwise_backend!r}; "
+                             f"choose from {', '.join(POINTWISE_BACKENDS)}")
         if self.window < 1 or self.n_sinks < 0:
             raise ValueError(f"window must be >= 1 and n_sinks >= 0 (got {self.window}, {self.n_sinks})")
         if self.feature_dim is not None and self.feature_map == "softmax_pm" and self.feature_dim % 2:

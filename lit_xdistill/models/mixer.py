@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .cache import HybridCache, LayerCache, slot_positions
 from .configuration_xdistill import XDistillConfig
+from .decoding import StaticLayerCache, step_attention
 
 __all__ = [
     "ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_mixer", "head_layout", "register_attention_function",
@@ -145,11 +146,13 @@ class HybridMixer(nn.Module):
         if state is None:
             return xk.mlstm(fq, fk, v, igate, fgate, segment_ids=segment_ids, backend=self.mlstm_backend)
         if state.mlstm is not None and q.shape[2] == 1:
-            h, state.mlstm = xk.mlstm_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], igate[..., 0], fgate[..., 0],
-                                           state.mlstm)
+            h, new_state = xk.mlstm_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], igate[..., 0], fgate[..., 0],
+                                         state.mlstm)
+            state.store_mlstm(new_state)
             return h.unsqueeze(2)
-        h, state.mlstm = xk.mlstm(fq, fk, v, igate, fgate, segment_ids=segment_ids, initial_state=state.mlstm,
-                                  return_final_state=True, backend=self.mlstm_backend)
+        h, new_state = xk.mlstm(fq, fk, v, igate, fgate, segment_ids=segment_ids, initial_state=state.mlstm,
+                                return_final_state=True, backend=self.mlstm_backend)
+        state.store_mlstm(new_state)
         return h
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, *, scaling: float | None,
@@ -218,6 +221,9 @@ def cache_doc_len(segment_ids: Tensor | None, batch: int, seqlen: int, device: t
 def _fill_buffers(state: LayerCache, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None,
                   n_sinks: int) -> None:
     """Fill a layer's attention buffers from a fresh prompt's keys/values (B, NKV, S, D)."""
+    if isinstance(state, StaticLayerCache):
+        state.fill(k, v, doc_len, window, n_sinks)
+        return
     S = k.shape[2]
     if window is None:  # full attention: keep everything
         state.win_k, state.win_v = k, v
@@ -233,20 +239,27 @@ def _fill_buffers(state: LayerCache, k: Tensor, v: Tensor, doc_len: Tensor, wind
 
 def _cached_attention(q, k_new, v_new, state: LayerCache, doc_len: Tensor, window: int | None, n_sinks: int,
                       scaling: float | None, update: bool) -> Tensor:
-    """Attention of new tokens (continuing each row's current document) over the cached buffers."""
+    """Attention of new tokens (continuing each row's current document) over the cached buffers.
+
+    With a static cache one token per row goes through ``step_attention`` (fixed shapes, CUDA-graph safe)."""
+    if isinstance(state, StaticLayerCache) and update and q.shape[2] == 1:
+        return step_attention(q, k_new, v_new, state, doc_len, scaling)
     B, _, S, D = q.shape
     dev = q.device
     P = doc_len[:, None] + torch.arange(S, device=dev)  # (B, S) positions of the new queries
-    keys, vals, kpos = [], [], []
-    if window is not None and n_sinks and state.sink_k is not None:
-        s = torch.arange(n_sinks, device=dev)[None, :].expand(B, -1)
-        in_window = s >= (doc_len[:, None] - window)  # already present in the window buffer: count once
-        keys.append(state.sink_k)
-        vals.append(state.sink_v)
-        kpos.append(torch.where((s < doc_len[:, None]) & ~in_window, s, -1))
-    keys.append(state.win_k)
-    vals.append(state.win_v)
-    kpos.append(slot_positions(doc_len, state.win_k.shape[2]))
+    if isinstance(state, StaticLayerCache):  # sinks and ring in one buffer
+        keys, vals, kpos = [state.keys], [state.values], [state.positions(doc_len)]
+    else:
+        keys, vals, kpos = [], [], []
+        if window is not None and n_sinks and state.sink_k is not None:
+            s = torch.arange(n_sinks, device=dev)[None, :].expand(B, -1)
+            in_window = s >= (doc_len[:, None] - window)  # already present in the window buffer: count once
+            keys.append(state.sink_k)
+            vals.append(state.sink_v)
+            kpos.append(torch.where((s < doc_len[:, None]) & ~in_window, s, -1))
+        keys.append(state.win_k)
+        vals.append(state.win_v)
+        kpos.append(slot_positions(doc_len, state.win_k.shape[2]))
     keys.append(k_new)
     vals.append(v_new)
     kpos.append(P)
@@ -265,6 +278,9 @@ def _cached_attention(q, k_new, v_new, state: LayerCache, doc_len: Tensor, windo
 def _push(state: LayerCache, k_new: Tensor, v_new: Tensor, doc_len: Tensor, window: int | None,
           n_sinks: int) -> None:
     """Append new keys/values to a layer's buffers (window: keep the last W; sinks: the first n_sinks)."""
+    if isinstance(state, StaticLayerCache):
+        state.push(k_new, v_new, doc_len)
+        return
     state.win_k = torch.cat([state.win_k, k_new], 2)
     state.win_v = torch.cat([state.win_v, v_new], 2)
     if window is None:

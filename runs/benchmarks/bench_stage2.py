@@ -6,7 +6,13 @@ training_step minus logging); plain fine-tuning is the teacher itself (transform
 with next-token CE. Medians over timed steps after warm-up (the first steps compile FlexAttention and
 the Triton kernels).
 
-    python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --out results.md
+``--pointwise`` runs the KD rows once per listed backend of the mixer's feature maps, gates and output mix
+(``XDistillConfig.pointwise_backend``), in this process on the same student, so fused and unfused compare
+side by side. ``--device cpu`` is a smoke run of the same code path (tiny sizes; no memory column; the
+Triton backend there needs ``TRITON_INTERPRET=1`` in the environment).
+
+    python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --pointwise torch triton --out results.md
+    python runs/benchmarks/bench_stage2.py --device cpu --seq-len 64 --batch 1 --steps 1 --warmup 1
 """
 
 from __future__ import annotations
@@ -17,29 +23,35 @@ import time
 
 import torch
 
+from lit_xdistill.models.configuration_xdistill import POINTWISE_BACKENDS
+from lit_xdistill.models.mixer import HybridMixer
 from lit_xdistill.modules import KDModule, StudentOptions, topk_logprobs
 from lit_xdistill.teachers import TeacherSpec
 
 
-def _time_steps(step, n_warmup: int, n_timed: int) -> tuple[float, float]:
+def _time_steps(step, n_warmup: int, n_timed: int, dev: torch.device) -> tuple[float, float]:
+    """Median seconds per step and peak GiB allocated (CUDA; NaN on CPU)."""
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(n_warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(n_timed):
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 
-def _train_step(model_step, params):
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=True)
+def _train_step(model_step, params, dev: torch.device):
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=dev.type == "cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = model_step()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -52,9 +64,10 @@ def _train_step(model_step, params):
 def _plain_finetuning(spec: TeacherSpec, batch: dict, args) -> tuple[tuple, tuple]:
     """Time plain fine-tuning of the teacher (what KD is compared with); return its teacher top-k too."""
     plain = spec.load_model(batch["input_ids"].device).float().requires_grad_(True).train()
+    dev = batch["input_ids"].device
     step = _train_step(lambda: plain(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
-                       list(plain.parameters()))
-    row = ("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps))
+                       list(plain.parameters()), dev)
+    row = ("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps, dev))
     with torch.no_grad():  # the teacher top-k once, as the logit cache would hold it
         topk = topk_logprobs(plain(input_ids=batch["input_ids"]).logits.flatten(0, 1), args.top_k)
     return row, topk
@@ -68,9 +81,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--pointwise", nargs="+", default=["auto"], choices=POINTWISE_BACKENDS,
+                        help="mixer pointwise backend(s) to time the KD rows with, in this order")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     args = parser.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     spec = TeacherSpec(args.teacher, dtype="bfloat16")
     tok = spec.load_tokenizer()
     text = open("/usr/share/common-licenses/GPL-3").read() * 20  # real text, not zeros
@@ -87,7 +103,8 @@ def main() -> None:
 
     plain_row, (cached_ids, cached_lp) = _plain_finetuning(spec, batch, args)
     rows.append(plain_row)
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
     module = KDModule(teacher=spec, student=StudentOptions(window=512, n_sinks=4), top_k=args.top_k)
     module.configure_model()
@@ -95,22 +112,27 @@ def main() -> None:
     params = [p for p in module.student.parameters() if p.requires_grad]
     cached = {**batch, "topk_ids": cached_ids.view(args.batch, args.seq_len, -1),
               "topk_logprobs": cached_lp.view(args.batch, args.seq_len, -1)}
-    step = _train_step(lambda: module._losses(cached).loss, params)
-    rows.append(("KD, cached top-k logits", *_time_steps(step, args.warmup, args.steps)))
-    step = _train_step(lambda: module._losses(batch).loss, params)
-    rows.append(("KD, live teacher", *_time_steps(step, args.warmup, args.steps)))
+    mixers = [m for m in module.student.modules() if isinstance(m, HybridMixer)]
+    for backend in args.pointwise:
+        for mixer in mixers:
+            mixer.pointwise_backend = backend
+        for name, inputs in (("cached top-k logits", cached), ("live teacher", batch)):
+            step = _train_step(lambda inputs=inputs: module._losses(inputs).loss, params, dev)
+            rows.append((f"KD, {name}, pointwise {backend}", *_time_steps(step, args.warmup, args.steps, dev)))
 
     tokens = args.batch * args.seq_len
     base = tokens / rows[0][1]
     lines = [
-        f"Stage II throughput, {torch.cuda.get_device_name()}, teacher {args.teacher}, "
+        f"Stage II throughput, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, "
+        f"teacher {args.teacher}, "
         f"B={args.batch} x S={args.seq_len}, bf16 autocast, median of {args.steps} steps",
         "",
         "| run | step (ms) | tokens/s | vs plain | peak memory (GiB) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, sec, mem in rows:
-        lines.append(f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {tokens / sec / base:.2f}x | {mem:.1f} |")
+        mem_text = "-" if mem != mem else f"{mem:.1f}"  # NaN on CPU
+        lines.append(f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {tokens / sec / base:.2f}x | {mem_text} |")
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -1,0 +1,153 @@
+"""The fast decoding path (StaticHybridCache, in-place buffers, CUDA-graph step) against the plain reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_teachers import tiny_teacher
+
+from lit_xdistill.models import HybridCache, student_from_teacher
+from lit_xdistill.models.decoding import StaticHybridCache
+
+WINDOW = 8
+
+
+def _student(mixer="hybrid", family="llama", dtype=torch.float32):
+    # open output gate so both branches matter
+    return student_from_teacher(tiny_teacher(family), window=WINDOW, n_sinks=2, mixer=mixer,
+                                ogate_bias=0.0).to(dtype).eval()
+
+
+def _padded_prompt(batch=3, length=14):
+    """Rows of 14, 9 and 3 tokens (left padded): longer and shorter than the window."""
+    torch.manual_seed(1)
+    prompt = torch.randint(1, 128, (batch, length))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    return prompt.masked_fill(mask == 0, 0), mask
+
+
+def _cache_tensors(cache: StaticHybridCache) -> dict[str, tuple[int, tuple[int, ...]]]:
+    found = {"doc_len": cache.doc_len}
+    for idx, layer in cache.layers.items():
+        found.update({f"{idx}.keys": layer.keys, f"{idx}.values": layer.values})
+        found.update({f"{idx}.mlstm{i}": t for i, t in enumerate(layer.mlstm_buffers or ())})
+    return {name: (t.data_ptr(), tuple(t.shape)) for name, t in found.items() if t is not None}
+
+
+@pytest.mark.parametrize(("family", "mixer"), [("llama", "hybrid"), ("llama", "swa"), ("llama", "mlstm"),
+                                               ("gemma3_text", "attention")])
+def test_static_generate_equals_plain_generate(family, mixer):
+    # gemma3 "attention": a teacher sliding-window layer (ring of the teacher's window) and a full-attention layer
+    student = _student(mixer, family)
+    prompt, mask = _padded_prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    plain = student.generate(prompt, **kwargs)
+    fast = student.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(plain.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "swa", "mlstm", "linear", "attention"])
+def test_static_cache_chunks_and_steps_equal_full_forward(mixer):
+    student = _student(mixer, dtype=torch.float64)
+    x = torch.randint(0, 128, (2, 40))
+    # prefill, single steps, a chunk longer than the window (13 > 8), single steps again
+    pieces = [(0, 11), *[(i, i + 1) for i in range(11, 20)], (20, 33), *[(i, i + 1) for i in range(33, 40)]]
+    with torch.no_grad():
+        full = student(x).logits
+        cache = StaticHybridCache(batch_size=2, max_cache_len=40)
+        parts = [student(x[:, a:b], cache=cache, use_cache=True).logits for a, b in pieces]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_static_cache_memory_is_constant_and_reused():
+    student = _student()
+    prompt, mask = _padded_prompt()
+    cache = StaticHybridCache(batch_size=3)
+    with torch.no_grad():
+        student(prompt, attention_mask=mask, cache=cache, use_cache=True)
+        before = _cache_tensors(cache)
+        for _ in range(4 * WINDOW):
+            student(torch.randint(1, 128, (3, 1)), cache=cache, use_cache=True)
+    assert _cache_tensors(cache) == before, "the static cache reallocated or grew while decoding"
+    assert cache.seen_tokens == 14 + 4 * WINDOW
+
+    first = student.static_cache(3, 40)
+    student.generate(prompt, attention_mask=mask, max_new_tokens=5, cache_implementation="static", pad_token_id=0)
+    buffers = _cache_tensors(first)
+    student.generate(prompt, attention_mask=mask, max_new_tokens=9, cache_implementation="static", pad_token_id=0)
+    assert student.static_cache(3, 40) is first and _cache_tensors(first) == buffers
+
+
+def test_sampling_with_a_fixed_seed():
+    student = _student()
+    prompt, mask = _padded_prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
+    runs = {}
+    for name, extra in [("plain", {}), ("fast", {"cache_implementation": "static"}),
+                        ("fast again", {"cache_implementation": "static"})]:
+        torch.manual_seed(123)
+        runs[name] = student.generate(prompt, **kwargs, **extra)
+    assert torch.equal(runs["fast"], runs["plain"])
+    assert torch.equal(runs["fast again"], runs["fast"])
+
+
+@pytest.mark.skipif("cache" not in transformers.generation.utils.ALL_CACHE_NAMES,
+                    reason="this transformers does not reorder a cache named `cache` in beam search")
+def test_beam_search_equals_uncached_beam_search():
+    student = _student()
+    prompt, mask = _padded_prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    reference = student.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(student.generate(prompt, cache_implementation="static", **kwargs), reference)
+
+
+def test_generate_feeds_one_column_per_decode_step():
+    """Every decode step continues the cache (transformers 5.17 hands back only caches named past_key_values),
+    and the prefill computes the last position's logits only."""
+    student = _student()
+    widths = []  # (input columns, logit positions) of every forward
+    student.register_forward_hook(
+        lambda module, args, kwargs, out: widths.append((kwargs["input_ids"].shape[1], out.logits.shape[1])),
+        with_kwargs=True)
+    prompt = torch.randint(1, 128, (2, 6))
+    for extra in ({}, {"cache_implementation": "static"}):
+        widths.clear()
+        student.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, **extra)
+        assert widths == [(6, 1)] + [(1, 1)] * 4
+
+
+def test_decode_step_needs_no_host_sync():
+    """On the meta device any .item(), bool(tensor) or data-dependent shape raises: the step is capturable."""
+    student = _student().to("meta")
+    cache = StaticHybridCache(batch_size=2, cuda_graph=False)
+    with torch.no_grad():
+        student(torch.zeros(2, 12, dtype=torch.long, device="meta"), cache=cache, use_cache=True)
+        logits = student.decode_step(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache)
+    assert logits.shape == (2, 1, 128)
+
+
+def test_plain_cache_is_not_static():
+    student = _student()
+    out = student(torch.randint(1, 128, (1, 5)), use_cache=True)
+    assert type(out.cache) is HybridCache
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_plain(dtype):
+    student = _student(dtype=dtype).cuda()
+    prompt, mask = _padded_prompt()
+    kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0)
+    plain = student.generate(prompt.cuda(), **kwargs)
+    fast = student.generate(prompt.cuda(), cache_implementation="static", **kwargs)
+    cache = student.static_cache(3, 1)  # the one generate() used
+    assert cache.graph is not None and cache.graph.graph is not None, "the decode step was not captured"
+    if dtype == torch.float32:
+        assert torch.equal(fast, plain)
+    else:  # bf16: rounding may flip a near-tie late in the sequence
+        assert (fast == plain).float().mean() > 0.9
