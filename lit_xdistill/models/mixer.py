@@ -53,7 +53,9 @@ class MixerContext:
 
 
 class FeatureMap(nn.Module):
-    """Per-head learned softmax feature map phi: (B, NH, S, D) -> (B, NH, S, F)."""
+    """Per-head learned softmax feature map phi: (B, NX, S, D) -> (B, NH, S, F), NX | NH.
+
+    Head h reads input head h // (NH // NX), so GQA keys go in with their NKV heads unrepeated."""
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, kind: str):
         super().__init__()
@@ -70,7 +72,14 @@ class FeatureMap(nn.Module):
             with torch.no_grad():
                 self.weight[h].copy_(q[:, :width] * head_dim**-0.25)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        """phi(x) in x's dtype, softmax in fp32; ``fused``: one Triton kernel (``xdistill_kernels.feature_map``)
+        instead of the torch ops below (the reference), which repeat GQA heads and round x W to x's dtype."""
+        if fused:
+            import xdistill_kernels as xk
+
+            return xk.feature_map(x, self.weight, pm=self.kind == "softmax_pm")
+        x = repeat_kv(x, self.weight.shape[0] // x.shape[1])
         proj = torch.einsum("bhsd,hdf->bhsf", x, self.weight.to(x.dtype)).float()
         if self.kind == "softmax_pm":
             return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
@@ -104,6 +113,7 @@ class HybridMixer(nn.Module):
         self.kind, self.layer_idx, self.num_heads, self.head_dim = kind, layer_idx, num_heads, head_dim
         self.window, self.n_sinks, self.softcap = config.window, config.n_sinks, config.gate_softcap
         self.mlstm_backend, self.attention_backend = config.mlstm_backend, config.attention_backend
+        self.pointwise_backend = config.pointwise_backend
         self._inits = (config.igate_bias, config.fgate_bias_range, config.ogate_bias)
         if kind in ("hybrid", "mlstm", "linear"):
             feature_dim = config.feature_dim or head_dim
@@ -130,21 +140,36 @@ class HybridMixer(nn.Module):
                     self.gates.bias[2 * nh :] = ogate
 
     # -- branches ----------------------------------------------------------------------------------
-    def _gate_preacts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x (B, S, hidden) -> igate, fgate (B, NH, S) soft-capped, o (B, NH, S, 1) or None."""
+    def _fused(self, x: Tensor) -> bool:
+        """Whether the feature maps, gate activations and output mix run fused (``pointwise_backend``)."""
+        return self.pointwise_backend == "triton" or (self.pointwise_backend == "auto" and x.is_cuda)
+
+    def _gate_preacts(self, x: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x (B, S, hidden) -> igate, fgate (B, NH, S) fp32 soft-capped, o (B, NH, S) fp32 or None."""
+        if fused:
+            import xdistill_kernels as xk
+
+            return xk.gate_activations(self.gates(x), self.num_heads, self.softcap)
         g = self.gates(x).float().transpose(1, 2)  # (B, 2|3 * NH, S)
         nh = self.num_heads
         igate, fgate = _softcap(g[:, :nh], self.softcap), _softcap(g[:, nh : 2 * nh], self.softcap)
-        o = torch.sigmoid(g[:, 2 * nh :]).unsqueeze(-1) if self.kind == "hybrid" else None
+        o = torch.sigmoid(g[:, 2 * nh :]) if self.kind == "hybrid" else None
         return igate, fgate, o
+
+    def _mlstm_fresh(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
+                     segment_ids: Tensor | None, fused: bool) -> Tensor:
+        """The mLSTM branch without a cache (training); k, v (B, NKV, S, D): the key feature map reads the GQA
+        heads itself, so only v is repeated."""
+        import xdistill_kernels as xk
+
+        fq, fk, vr = self.phi_q(q, fused), self.phi_k(k, fused), repeat_kv(v, q.shape[1] // v.shape[1])
+        return xk.mlstm(fq, fk, vr, igate, fgate, segment_ids=segment_ids, backend=self.mlstm_backend)
 
     def _mlstm(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
                segment_ids: Tensor | None, state: LayerCache | None) -> Tensor:
         import xdistill_kernels as xk
 
         fq, fk = self.phi_q(q), self.phi_k(k)
-        if state is None:
-            return xk.mlstm(fq, fk, v, igate, fgate, segment_ids=segment_ids, backend=self.mlstm_backend)
         if state.mlstm is not None and q.shape[2] == 1:
             h, new_state = xk.mlstm_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], igate[..., 0], fgate[..., 0],
                                          state.mlstm)
@@ -180,16 +205,27 @@ class HybridMixer(nn.Module):
         if self.kind == "swa":
             out = swa
         else:
-            kr, vr = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            fused = self._fused(q)
             if self.kind == "linear":  # constant gates: i = 1, f = sigmoid(30) ~ 1
                 shape = q.shape[:3]
                 igate = torch.zeros(shape, device=q.device)
                 fgate = torch.full(shape, 30.0, device=q.device)
                 o = None
             else:
-                igate, fgate, o = self._gate_preacts(x)
-            h = self._mlstm(q, kr, vr, igate, fgate, segment_ids, state)
-            out = h if o is None else (o * h.float() + (1 - o) * swa.float()).to(q.dtype)
+                igate, fgate, o = self._gate_preacts(x, fused)
+            if state is None:
+                h = self._mlstm_fresh(q, k, v, igate, fgate, segment_ids, fused)
+            else:
+                h = self._mlstm(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), igate, fgate, segment_ids, state)
+            if o is None:
+                out = h
+            elif fused:
+                import xdistill_kernels as xk
+
+                out = xk.gate_mix(o, h, swa)
+            else:
+                o = o.unsqueeze(-1)
+                out = (o * h.float() + (1 - o) * swa.float()).to(q.dtype)
         if ctx.align:
             ctx.align_losses[self.layer_idx] = F.mse_loss(out.float(), teacher.detach().float())
             return teacher
