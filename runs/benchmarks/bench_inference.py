@@ -78,8 +78,10 @@ class TeacherRunner:
     def __init__(self, model, compile_step: bool):
         self.model = model
         params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
-        self.step_fn = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compile_step else model
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # 5.24 renamed it
+        # what generate() does with a static cache on CUDA (transformers' default CompileConfig)
+        self.step_fn = (torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                        if compile_step else model)
         self.cache = self.pos = None
 
     def prefill(self, prompt: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
