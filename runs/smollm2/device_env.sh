@@ -1,5 +1,5 @@
 # Source in every call on the project's GPU machine, in the repo root, after the calls of
-# ../shared/device/README.md (teacher + wheels in /tmp/site) and `corpora_bundle.sh unpack`:
+# ../shared/device/README.md (teacher + wheels in /tmp/site) and `offline_bundle.sh unpack`:
 #   source runs/smollm2/device_env.sh && PIECE_SECONDS=540 bash runs/smollm2/all.sh
 # That machine has no `lit-xdistill` console script (the repo is not pip-installed there): a wrapper in
 # /root/bin calls the same entry point. Run state lives in /root/smollm2, which survives calls on a warm
@@ -17,5 +17,5 @@ export PATH=/root/bin:$PATH
 # collect: the run's reports, plots and TensorBoard events as one tarball (the device returns <= 8 files)
 collect() {
   (cd "$OUT" && tar czf "$DEVICE_OUT/smollm2-results.tgz" --ignore-failed-read \
-     $(ls -d summary.json plots eval/*.md eval/*.json eval/*.png tb 2>/dev/null) *.env.yaml 2>/dev/null) || true
+     $(ls -d summary.json plots eval/*.md eval/*.json eval/*.png eval/tasks/*/*.json tb 2>/dev/null) *.env.yaml 2>/dev/null) || true
 }
