@@ -5,12 +5,16 @@ wherever the id differs from the previous position's), and either there is no wi
 j is among the first `n_sinks` tokens of its document. j = i is always visible, so no row is empty.
 
 Backends: "flex" (torch FlexAttention; compiled on CUDA, block masks cached), "sdpa" (a dense boolean mask
-through scaled_dot_product_attention: the reference, O(S^2) memory), "auto" (flex on CUDA, sdpa otherwise).
+through scaled_dot_product_attention: the reference, O(S^2) memory), "auto": flex on CUDA when gradients
+are needed or the sequence is longer than DENSE_INFERENCE_MAX_LEN, sdpa otherwise. Why the split: the flex
+kernel is compiled per shape (dynamic=False), and evaluation feeds a new (batch, length) pair almost every
+call; past dynamo's recompile limit flex falls back to an unfused path that materialises all scores. Short
+no-grad calls therefore take the dense mask, whose O(S^2) cost is small at those lengths.
 """
 
 from __future__ import annotations
 
-import hashlib
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -22,6 +26,7 @@ from .reference import document_index
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 16
 _COMPILED_FLEX = None
+DENSE_INFERENCE_MAX_LEN = 4096  # "auto" uses the dense mask for no-grad calls up to this length (docstring)
 
 
 def _doc_and_start(segment_ids: Tensor | None, B: int, S: int, device) -> tuple[Tensor, Tensor]:
@@ -56,27 +61,36 @@ def _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale):
 
 
 def _block_mask(B, S, window, n_sinks, segment_ids, device):
-    """FlexAttention block mask, cached by (S, window, sinks, device, segment-id contents)."""
+    """FlexAttention block mask, cached by (S, window, sinks, device, segment-id tensor).
+
+    The segment ids are keyed by identity and version counter, not by content: every layer of one forward
+    pass gets the same tensor, so the mask is built once per pass without reading the ids on the host (a
+    content hash costs one device-to-host sync per layer, which stalls the launch queue). A weak reference
+    guards against a new tensor reusing a dead one's id; an in-place edit bumps the version.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg_key = None
-    if segment_ids is not None:  # content key: one small device-to-host copy, never a stale mask
-        seg_key = (tuple(segment_ids.shape), hashlib.sha1(segment_ids.cpu().numpy().tobytes()).hexdigest())
+    if segment_ids is not None:
+        seg_key = (id(segment_ids), segment_ids._version, tuple(segment_ids.shape))
     key = (S, window, n_sinks, str(device), seg_key)
-    if key in _BLOCK_MASKS:
+    cached = _BLOCK_MASKS.get(key)
+    if cached is not None and (segment_ids is None or cached[0]() is segment_ids):
         _BLOCK_MASKS.move_to_end(key)
-        return _BLOCK_MASKS[key]
+        return cached[1]
     doc, start = _doc_and_start(segment_ids, B if segment_ids is not None else 1, S, device)
 
+    per_row = segment_ids is not None  # (the closure must not keep the ids alive: see the weak reference)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        bb = b if segment_ids is not None else 0
+        bb = b if per_row else 0
         visible = (kv_idx <= q_idx) & (doc[bb, q_idx] == doc[bb, kv_idx])
         if window is not None:  # no in-place ops here: inductor cannot lower them inside a mask_mod
             visible = visible & (((q_idx - kv_idx) < window) | ((kv_idx - start[bb, kv_idx]) < n_sinks))
         return visible
 
     mask = create_block_mask(mask_mod, B if segment_ids is not None else None, None, S, S, device=device)
-    _BLOCK_MASKS[key] = mask
+    _BLOCK_MASKS[key] = (weakref.ref(segment_ids) if segment_ids is not None else None, mask)
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
     return mask
@@ -117,7 +131,8 @@ def attention(
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None, got {window}")
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "sdpa"
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend = "flex" if q.is_cuda and (needs_grad or S > DENSE_INFERENCE_MAX_LEN) else "sdpa"
     if backend == "flex":
         return _attention_flex(q, k, v, window, n_sinks, segment_ids, scale)
     if backend == "sdpa":

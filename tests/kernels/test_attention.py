@@ -66,3 +66,23 @@ def test_attention_errors():
         attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
     with pytest.raises(ValueError, match="unknown backend"):
         attention(q, q, q, backend="nope")
+
+
+def test_flex_block_mask_follows_the_segment_ids_tensor():
+    """The flex block mask is cached per segment-id tensor (no host read of the ids): a new tensor with
+    other contents, and an in-place edit of a cached one, must each get their own mask."""
+    g = torch.Generator().manual_seed(1)
+    B, NH, S, D = 2, 2, 24, 8
+    q, k, v = (torch.randn(B, NH, S, D, generator=g) for _ in range(3))
+
+    def check(seg):
+        out = attention(q, k, v, window=4, n_sinks=1, segment_ids=seg, backend="flex")
+        mask = visibility_mask(S, window=4, n_sinks=1, segment_ids=seg, batch=B)
+        torch.testing.assert_close(out, _naive(q, k, v, mask, D**-0.5), rtol=1e-5, atol=1e-5)
+
+    seg = torch.tensor([[0] * 10 + [1] * 14, [2] * 24])
+    check(seg)
+    check(seg)  # cached
+    check(torch.tensor([[0] * 3 + [1] * 21, [2] * 12 + [3] * 12]))  # another tensor, other documents
+    seg[1, 5:] = 7  # in place: the version counter changes, the cached mask must not be reused
+    check(seg)
