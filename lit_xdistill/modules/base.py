@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ..models import XDistillForCausalLM, student_from_teacher
+from ..models import XDistillConfig, XDistillForCausalLM, student_from_teacher
 from ..teachers import TeacherSpec
 
 __all__ = ["StudentOptions", "StudentModule", "StageHandoffError", "load_student"]
@@ -97,6 +97,31 @@ def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> 
     return student
 
 
+def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOptions) -> XDistillForCausalLM:
+    """The student ``load_student``/``student_from_teacher`` would build, with uninitialised weights.
+
+    For FSDP ranks other than 0 (``sync_module_states``): FSDP broadcasts rank 0's parameters *and buffers*
+    (RoPE's non-persistent ``inv_freq`` included) over these in module order, so the module tree, names, shapes,
+    dtypes and weight tying must equal rank 0's exactly; only the config is read from disk. Built on the meta
+    device, then given CPU storage that nothing writes (the OS maps no pages for it, so it costs no resident
+    memory until FSDP's copy) and re-tied: materialising a meta module unties shared weights (a tied
+    lm_head would become a parameter of its own and shift every broadcast pair after it), which is why this is
+    not left to FSDP's own meta-device materialisation.
+    """
+    path = Path(source).expanduser() if source else None
+    if path is not None and path.is_dir():
+        config = XDistillConfig.from_pretrained(path)
+        config.mlstm_backend, config.attention_backend = options.mlstm_backend, options.attention_backend
+    else:  # a fresh conversion, or a Lightning .ckpt of one (same options, same config)
+        config = XDistillConfig(teacher_config=teacher.load_config().to_dict(), teacher_identity=teacher.identity,
+                                **options.mixer_options())
+    with torch.device("meta"):
+        student = XDistillForCausalLM(config).float()
+    student.to_empty(device="cpu")
+    student.tie_weights()
+    return student
+
+
 def _check_architecture(student: XDistillForCausalLM, options: StudentOptions, source: str) -> None:
     """The run's student options must describe the architecture of the student it continues."""
     wanted = {k: v for k, v in options.mixer_options().items() if not k.endswith("_backend")}
@@ -169,7 +194,9 @@ class StudentModule(L.LightningModule):
         if self.student is not None:
             return
         opts = self.student_options
-        if opts.init_from:
+        if self._rank_zero_builds_alone():
+            student = empty_student(opts.init_from, self.teacher_spec, opts)
+        elif opts.init_from:
             student = load_student(opts.init_from, self.teacher_spec, opts)
             _say(f"[lit-xdistill] student loaded from {opts.init_from}")
         else:
@@ -181,6 +208,17 @@ class StudentModule(L.LightningModule):
             student.gradient_checkpointing_enable()
         self.student = student
         self.select_trainable()
+
+    def _rank_zero_builds_alone(self) -> bool:
+        """True on FSDP ranks other than 0 when FSDP broadcasts rank 0's weights (``sync_module_states``).
+
+        Only rank 0 then reads the teacher (an 8B teacher is ~32 GB of CPU RAM in fp32 per process); the other
+        ranks build the student on the meta device (``empty_student``) and FSDP fills it at wrap time.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.global_rank == 0 or not isinstance(trainer.strategy, FSDPStrategy):
+            return False
+        return bool(trainer.strategy.kwargs.get("sync_module_states"))
 
     def select_trainable(self) -> None:
         """Set ``requires_grad`` on the parameters this stage trains (all by default)."""
