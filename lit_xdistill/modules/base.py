@@ -97,7 +97,8 @@ def load_student(source: str, teacher: TeacherSpec, options: StudentOptions) -> 
     return student
 
 
-def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOptions) -> XDistillForCausalLM:
+def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOptions,
+                  dtype: torch.dtype = torch.float32) -> XDistillForCausalLM:
     """The student ``load_student``/``student_from_teacher`` would build, with uninitialised weights.
 
     For FSDP ranks other than 0 (``sync_module_states``): FSDP broadcasts rank 0's parameters *and buffers*
@@ -106,7 +107,8 @@ def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOpti
     device, then given CPU storage that nothing writes (the OS maps no pages for it, so it costs no resident
     memory until FSDP's copy) and re-tied: materialising a meta module unties shared weights (a tied
     lm_head would become a parameter of its own and shift every broadcast pair after it), which is why this is
-    not left to FSDP's own meta-device materialisation.
+    not left to FSDP's own meta-device materialisation. ``dtype`` applies to the parameters only: buffers keep
+    the dtype they are built with, as ``student_from_teacher`` keeps the teacher's fp32 RoPE buffers.
     """
     path = Path(source).expanduser() if source else None
     if path is not None and path.is_dir():
@@ -119,6 +121,8 @@ def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOpti
         student = XDistillForCausalLM(config).float()
     student.to_empty(device="cpu")
     student.tie_weights()
+    for param in student.parameters():
+        param.data = param.data.to(dtype)  # in place: tied parameters stay one object
     return student
 
 
@@ -208,6 +212,14 @@ class StudentModule(L.LightningModule):
             student.gradient_checkpointing_enable()
         self.student = student
         self.select_trainable()
+
+    def _fsdp_strategy(self) -> FSDPStrategy | None:
+        """The run's FSDPStrategy when it spans several processes, else None."""
+        trainer = self._trainer
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, FSDPStrategy) and trainer.world_size > 1:
+            return strategy
+        return None
 
     def _rank_zero_builds_alone(self) -> bool:
         """True on FSDP ranks other than 0 when FSDP broadcasts rank 0's weights (``sync_module_states``).

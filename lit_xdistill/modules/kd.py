@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models import XDistillForCausalLM, student_from_teacher
 from ..teachers import TeacherSpec
-from .base import StudentModule, StudentOptions
+from .base import StudentModule, StudentOptions, empty_student
 from .losses import kd_loss, topk_logprobs
 
 __all__ = ["KDModule"]
@@ -43,20 +43,33 @@ class KDModule(StudentModule):
         if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight == 0:
             raise ValueError(f"ce_weight and kl_weight must be >= 0 and not both 0 (got {ce_weight}, {kl_weight})")
         self.ce_weight, self.kl_weight, self.top_k, self.train_params = ce_weight, kl_weight, top_k, train_params
-        self._live_teacher: XDistillForCausalLM | None = None
+        self._live_teacher: nn.Module | None = None
 
     def select_trainable(self) -> None:
         self.student.requires_grad_(self.train_params == "all")
         for mixer in self.student.mixers():
             mixer.requires_grad_(True)
 
-    def live_teacher(self) -> XDistillForCausalLM:
-        """The frozen teacher, wrapped so that packed documents are masked like in the student."""
+    def live_teacher(self) -> nn.Module:
+        """The frozen teacher, wrapped so that packed documents are masked like in the student.
+
+        Under FSDP on several GPUs it is sharded like the student (one unit per decoder block, bf16 compute,
+        no optimizer state), so each GPU holds 1/N of it; with ``sync_module_states`` only rank 0 reads its
+        weights (the others build it empty and receive rank 0's by broadcast, as for the student).
+        """
         if self._live_teacher is None:
-            hf = self.teacher_spec.load_model()
-            wrapped = student_from_teacher(hf, self.teacher_spec.identity, mixer="attention")
+            fsdp = self._fsdp_strategy()
+            if self._rank_zero_builds_alone():
+                teacher = empty_student(None, self.teacher_spec, StudentOptions(mixer="attention"),
+                                        dtype=self.teacher_spec.torch_dtype())  # rank 0's: the broadcast pairs up
+            else:
+                hf = self.teacher_spec.load_model()
+                teacher = student_from_teacher(hf, self.teacher_spec.identity, mixer="attention")
+            teacher = teacher.requires_grad_(False).eval()
+            if fsdp is not None:
+                teacher = _shard_teacher(teacher, fsdp)
             # object.__setattr__: a plain attribute, not a submodule, so it stays out of checkpoints
-            object.__setattr__(self, "_live_teacher", wrapped.requires_grad_(False).eval())
+            object.__setattr__(self, "_live_teacher", teacher)
         return self._live_teacher.to(self.device)
 
     def teacher_topk(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -84,3 +97,21 @@ class KDModule(StudentModule):
         out = self._losses(batch)
         self.log_dict({"val/loss": out.loss, "val/ce": out.ce, "val/kl": out.kl, "val/ppl": out.ce.exp()},
                       prog_bar=True, sync_dist=True)
+
+
+def _shard_teacher(teacher: XDistillForCausalLM, strategy) -> nn.Module:
+    """Wrap the frozen teacher in its own FSDP root: one unit per decoder block, the run's sharding strategy,
+    bf16 parameters with fp32 buffers (RoPE), and rank 0's weights broadcast when the strategy says so."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    blocks = {type(layer) for layer in teacher.decoder_layers()}
+    return FullyShardedDataParallel(
+        teacher,
+        auto_wrap_policy=ModuleWrapPolicy(blocks),
+        sharding_strategy=strategy.sharding_strategy,
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.float32),
+        device_id=strategy.root_device.index,
+        use_orig_params=True,
+        sync_module_states=bool(strategy.kwargs.get("sync_module_states")),
+    )

@@ -151,6 +151,12 @@ class TeacherSpec:
 
         return AutoConfig.from_pretrained(self.local_dir(), revision=self.revision)
 
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype ``load_model`` gives the weights (``auto``: the checkpoint's own, else float32)."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        return getattr(self.load_config(), "dtype", None) or torch.float32
+
     def load_model(self, device: str | torch.device = "cpu"):
         """The teacher as a frozen transformers CausalLM in eval mode."""
         from transformers import AutoModelForCausalLM

@@ -80,3 +80,30 @@ def test_only_rank_zero_reads_the_teacher(tmp_path, monkeypatch):
     student = built_on(1, sync=True)  # built from the config alone (load_model would raise)
     assert _layout(student) == _layout(reference)
     assert [p.requires_grad for p in student.parameters()] == [p.requires_grad for p in reference.parameters()]
+
+
+def test_live_teacher_under_fsdp_is_built_on_rank_zero_and_sharded(tmp_path, monkeypatch):
+    """The live KD teacher follows the same rule (rank 0 reads it, the others build it empty in rank 0's
+    dtype) and is handed to the FSDP wrap; the wrap itself (torch FSDP, GPUs only) is replaced by a probe."""
+    import lit_xdistill.modules.kd as kd
+
+    tiny_teacher("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "teacher")
+    spec = TeacherSpec(str(tmp_path / "teacher"), dtype="bfloat16")
+    wrapped = []
+    monkeypatch.setattr(kd, "_shard_teacher", lambda teacher, strategy: wrapped.append(strategy) or teacher)
+
+    def live_on(rank: int) -> torch.nn.Module:
+        module = KDModule(teacher=spec, student=StudentOptions(window=8))
+        strategy = FSDPStrategy(sync_module_states=True)
+        module._trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy)
+        return module.live_teacher()
+
+    reference = live_on(0)
+    monkeypatch.setattr(TeacherSpec, "load_model", lambda *a, **k: pytest.fail("rank 1 read the teacher"))
+    empty = live_on(1)
+    assert _layout(empty) == _layout(reference) and reference.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in empty.parameters())
+    assert len(wrapped) == 2 and all(isinstance(s, FSDPStrategy) for s in wrapped)
+    restored = _replay_fsdp_sync(reference, empty)
+    ids = torch.randint(0, 128, (1, 12))
+    torch.testing.assert_close(restored(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
