@@ -46,6 +46,8 @@ class StudentOptions:
         feature_map: ``softmax_pm`` or ``softmax``.
         mlstm_backend: ``auto``, ``triton``, ``chunkwise``, ``parallel`` or ``recurrent``.
         attention_backend: ``auto``, ``flex`` or ``sdpa``.
+        pointwise_backend: the mixer's feature maps, gate activations and output mix: ``auto`` (fused Triton
+            kernels on CUDA, torch otherwise), ``triton`` or ``torch``.
         gradient_checkpointing: recompute decoder blocks in the backward pass to save memory.
     """
 
@@ -56,6 +58,7 @@ class StudentOptions:
     feature_map: str = "softmax_pm"
     mlstm_backend: str = "auto"
     attention_backend: str = "auto"
+    pointwise_backend: str = "auto"
     gradient_checkpointing: bool = False
 
     def mixer_options(self) -> dict:
@@ -113,7 +116,9 @@ def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOpti
     path = Path(source).expanduser() if source else None
     if path is not None and path.is_dir():
         config = XDistillConfig.from_pretrained(path)
-        config.mlstm_backend, config.attention_backend = options.mlstm_backend, options.attention_backend
+        for name, value in options.mixer_options().items():
+            if name.endswith("_backend"):
+                setattr(config, name, value)
     else:  # a fresh conversion, or a Lightning .ckpt of one (same options, same config)
         config = XDistillConfig(teacher_config=teacher.load_config().to_dict(), teacher_identity=teacher.identity,
                                 **options.mixer_options())
@@ -137,9 +142,10 @@ def _check_architecture(student: XDistillForCausalLM, options: StudentOptions, s
             f"init_from={source} has another student architecture ({detail}). Set model.student to the "
             "stage-I settings, or redo stage I with the new ones."
         )
-    student.config.mlstm_backend, student.config.attention_backend = options.mlstm_backend, options.attention_backend
-    for mixer in student.mixers():
-        mixer.mlstm_backend, mixer.attention_backend = options.mlstm_backend, options.attention_backend
+    backends = {k: v for k, v in options.mixer_options().items() if k.endswith("_backend")}
+    for owner in (student.config, *student.mixers()):  # execution choices, not architecture: this run's
+        for name, value in backends.items():
+            setattr(owner, name, value)
 
 
 def _record_seed(student: XDistillForCausalLM, files: list[Path], source: Path) -> None:
