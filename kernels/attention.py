@@ -5,8 +5,8 @@ wherever the id differs from the previous position's), and either there is no wi
 j is among the first `n_sinks` tokens of its document. j = i is always visible, so no row is empty.
 
 Backends: "flex" (torch FlexAttention; compiled on CUDA, block masks cached), "sdpa" (a dense boolean mask
-through scaled_dot_product_attention: the reference, O(S^2) memory), "auto": flex on CUDA when gradients
-are needed or the sequence is longer than DENSE_INFERENCE_MAX_LEN, sdpa otherwise. Why the split: the flex
+through scaled_dot_product_attention: the reference, O(S^2) memory), "auto": flex on CUDA when autograd is
+recording (training) or the sequence is longer than DENSE_INFERENCE_MAX_LEN, sdpa otherwise. Why the split: the flex
 kernel is compiled per shape (dynamic=False), and evaluation feeds a new (batch, length) pair almost every
 call; past dynamo's recompile limit flex falls back to an unfused path that materialises all scores. Short
 no-grad calls therefore take the dense mask, whose O(S^2) cost is small at those lengths.
@@ -26,7 +26,7 @@ from .reference import document_index
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 16
 _COMPILED_FLEX = None
-DENSE_INFERENCE_MAX_LEN = 4096  # "auto" uses the dense mask for no-grad calls up to this length (docstring)
+DENSE_INFERENCE_MAX_LEN = 4096  # "auto" uses the dense mask under no_grad up to this length (docstring)
 
 
 def _doc_and_start(segment_ids: Tensor | None, B: int, S: int, device) -> tuple[Tensor, Tensor]:
@@ -131,8 +131,8 @@ def attention(
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None, got {window}")
     if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        backend = "flex" if q.is_cuda and (needs_grad or S > DENSE_INFERENCE_MAX_LEN) else "sdpa"
+        # grad mode, not requires_grad: stage I's branches see frozen q, k, v but are training-sized calls
+        backend = "flex" if q.is_cuda and (torch.is_grad_enabled() or S > DENSE_INFERENCE_MAX_LEN) else "sdpa"
     if backend == "flex":
         return _attention_flex(q, k, v, window, n_sinks, segment_ids, scale)
     if backend == "sdpa":
