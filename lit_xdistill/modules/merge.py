@@ -234,7 +234,9 @@ def _heldout_batches(
     heldout = dm.datasets["heldout"]
     if len(heldout) == 0:
         raise ValueError(f"sources {sources} hold no held-out block of seq_len={seq_len}: lower seq_len")
-    return list(DataLoader(Subset(heldout, range(min(blocks, len(heldout)))), batch_size=batch_size))
+    # evenly spaced over the split (not its first blocks, which come from one or two documents)
+    index = torch.linspace(0, len(heldout) - 1, min(blocks, len(heldout))).round().long().tolist()
+    return list(DataLoader(Subset(heldout, index), batch_size=batch_size))
 
 
 @torch.no_grad()
@@ -259,6 +261,33 @@ def _evaluate(
     return loss / tokens, math.exp(ce / tokens)
 
 
+def _wintie_summary(report, suite_name: str, limit: int | None) -> dict:
+    """JSON-ready Win-and-Tie summary of one model: C_0, α*, C_α on the grid and per-task recovery."""
+    star = report.alpha_star
+    return {
+        "suite": suite_name,
+        "limit": limit,
+        "C_0": report.coverage_at(0.0),
+        "alpha_star": None if math.isnan(star) else star,
+        "coverage": {f"{a:.2f}": c for a, c in zip(report.alphas, report.coverage)},
+        "tasks": {
+            t.task: {
+                "metric": t.metric,
+                "higher_is_better": t.higher_is_better,
+                "teacher": t.teacher,
+                "student": t.student,
+                "recovery": None if math.isnan(t.recovery) else t.recovery,
+                "win_or_tie_at_0": t.wins_or_ties(0.0),
+            }
+            for t in report.tasks
+        },
+    }
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
 def merge_report(
     models: dict[str, str],
     domains: dict[str, list[str]],
@@ -272,8 +301,19 @@ def merge_report(
     top_k: int = 256,
     device: str = "auto",
     cache_dir: str = ".cache/lit_xdistill/data",
+    suite: str | None = None,
+    limit: int | None = None,
+    eval_batch_size: int = 8,
+    eval_cache_dir: str | None = None,
 ) -> Path:
-    """Held-out KD loss and perplexity per domain for every model: ``<out_dir>/merge_report.md`` (+ .png).
+    """Held-out KD loss / perplexity per domain (+ Win-and-Tie on a suite) per model: ``merge_report.md``.
+
+    Writes ``<out_dir>/merge_report.md``, ``merge_report.json`` and ``merge_report.png``. With ``suite``,
+    every model is also evaluated on that lm-eval suite (:func:`lit_xdistill.eval.harness.run_suite`)
+    and compared with the teacher's scores (:func:`lit_xdistill.eval.harness.teacher_results`, cached
+    per teacher + suite + limit) by Win-and-Tie: the table gains ``C_0`` and ``α*`` columns, a second
+    table lists each task's score and recovery S/T per model, the JSON gains a ``wintie`` entry per
+    model and the plot a ``C_α`` panel; the lm-eval results files go to ``<out_dir>/wintie/``.
 
     Args:
         models: row label -> exported student folder (experts, uniform merge, learned merge, generalist).
@@ -282,31 +322,57 @@ def merge_report(
             tokenises the data.
         out_dir: folder for ``merge_report.md``, ``merge_report.json`` and ``merge_report.png``.
         seq_len: tokens per evaluation block.
-        blocks: at most this many held-out blocks per domain (the ``heldout`` split, never trained on).
+        blocks: at most this many held-out blocks per domain, evenly spaced over the ``heldout`` split
+            (never trained on).
         batch_size: blocks per forward pass.
         ce_weight: CE weight of the reported KD loss.
         kl_weight: KL weight of the reported KD loss.
         top_k: teacher tokens kept per position.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
         cache_dir: token cache folder of the data module.
+        suite: Win-and-Tie suite (YAML path or name under ``configs/eval``, e.g. ``quick``); None: no
+            Win-and-Tie columns (held-out KD loss and perplexity only).
+        limit: items per suite task (the first N); None: the suite's limit; 0: full sets.
+        eval_batch_size: lm-eval requests per forward pass.
+        eval_cache_dir: cache root of rendered tasks and teacher scores; None: ``~/.cache/lit_xdistill``.
     """
     from ..models import student_from_teacher
     from .losses import topk_logprobs
 
+    if suite is not None and "wintie" in domains:
+        raise ValueError("a domain may not be called 'wintie' when a suite is given (the JSON key is taken)")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     spec = TeacherSpec(teacher, dtype="float32")
+    loaded_suite = None
+    if suite is not None:
+        from ..eval.harness import effective_limit, task_manager
+        from ..eval.tasks import load_suite
+
+        loaded_suite = load_suite(suite)
+        task_manager(loaded_suite, eval_cache_dir)  # unknown tasks or missing data fail before any model runs
+        limit = effective_limit(loaded_suite, limit)
     live = student_from_teacher(spec.load_model(), spec.identity, mixer="attention").to(dev).eval()
-    data = {}
+    data, teacher_ppl = {}, {}
     for domain, sources in domains.items():
         batches = _heldout_batches(spec, sources, seq_len, blocks, batch_size, cache_dir)
-        topk = []
+        topk, ce, tokens = [], 0.0, 0
         for b in batches:
-            logits = live(**{k: b[k].to(dev) for k in ("input_ids", "segment_ids", "position_ids")}).logits
+            with torch.no_grad():
+                logits = live(**{k: b[k].to(dev) for k in ("input_ids", "segment_ids", "position_ids")}).logits
+                own = kd_loss(logits, b["labels"].to(dev), None, None, 1.0, 0.0)
+            ce, tokens = ce + own.ce.item() * own.tokens, tokens + own.tokens
             ids, lps = topk_logprobs(logits.flatten(0, 1), top_k)
             topk.append((ids.view(*logits.shape[:2], -1), lps.view(*logits.shape[:2], -1)))
-        data[domain] = (batches, topk)
+        data[domain], teacher_ppl[domain] = (batches, topk), math.exp(ce / tokens)
     del live
-    results: dict[str, dict[str, tuple[float, float]]] = {}
+    teacher_json = None
+    if loaded_suite is not None:
+        from ..eval.harness import teacher_results
+
+        teacher_json = teacher_results(spec, loaded_suite, limit, eval_batch_size, dev, eval_cache_dir)
+        (Path(out_dir) / "wintie").mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "wintie" / "teacher.json").write_text(json.dumps(teacher_json, indent=2))
+    results: dict[str, dict] = {}
     for label, path in models.items():
         model = XDistillForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
         if model.config.teacher_identity != spec.identity:
@@ -315,44 +381,145 @@ def merge_report(
                 f"{model.config.teacher_identity!r}, not from {spec.identity!r}"
             )
         results[label] = {d: _evaluate(model, b, t, dev, ce_weight, kl_weight) for d, (b, t) in data.items()}
+        if loaded_suite is not None:
+            results[label]["wintie"] = _suite_wintie(
+                model, path, spec, loaded_suite, teacher_json, limit, eval_batch_size, eval_cache_dir,
+                Path(out_dir) / "wintie" / f"{_slug(label)}.json",
+            )
         del model
-    return _write_report(results, list(domains), Path(out_dir), teacher, seq_len, blocks)
+    return _write_report(results, list(domains), Path(out_dir), teacher, seq_len, blocks, teacher_ppl)
+
+
+def _suite_wintie(
+    model: XDistillForCausalLM,
+    path: str,
+    spec: TeacherSpec,
+    suite,
+    teacher_json: dict,
+    limit: int | None,
+    batch_size: int,
+    cache_dir: str | None,
+    results_file: Path,
+) -> dict:
+    """Evaluate one model on the suite (lm-eval), save its results file and compare it with the teacher."""
+    from transformers import AutoTokenizer
+
+    from ..eval.commands import compare_results
+    from ..eval.harness import run_suite
+
+    folder = Path(path)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else spec.load_tokenizer()
+    student_json = run_suite(model, tokenizer, suite, limit, batch_size, cache_dir)
+    results_file.write_text(json.dumps(student_json, indent=2))
+    return _wintie_summary(compare_results(teacher_json, student_json, suite=suite), suite.name, limit)
 
 
 def _write_report(
-    results: dict[str, dict[str, tuple[float, float]]],
+    results: dict[str, dict],
     domains: list[str],
     out: Path,
     teacher: str,
     seq_len: int,
     blocks: int,
+    teacher_ppl: dict[str, float] | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    head = "| model | " + " | ".join(f"{d} KD loss | {d} ppl" for d in domains) + " | mean KD loss |"
+    wintie = {label: row["wintie"] for label, row in results.items() if "wintie" in row}
+    extra = " C_0 | α* |" if wintie else ""
+    head = "| model | " + " | ".join(f"{d} KD loss | {d} ppl" for d in domains) + " | mean KD loss |" + extra
     lines = [
         f"# Merge report\n\nTeacher `{teacher}`; held-out split, up to {blocks} blocks of {seq_len} "
         "tokens per domain; KD loss = 0.9 CE + 0.1 top-k KL (lower is better).\n",
         head,
-        "|" + "---|" * (2 * len(domains) + 2),
+        "|---|" + "---:|" * (2 * len(domains) + 1 + (2 if wintie else 0)),
     ]
     for label, row in results.items():
         cells = " | ".join(f"{row[d][0]:.4f} | {row[d][1]:.2f}" for d in domains)
-        lines.append(f"| {label} | {cells} | {sum(row[d][0] for d in domains) / len(domains):.4f} |")
+        line = f"| {label} | {cells} | {sum(row[d][0] for d in domains) / len(domains):.4f} |"
+        if label in wintie:
+            star = wintie[label]["alpha_star"]
+            line += f" {wintie[label]['C_0']:.2f} | {'n/a' if star is None else f'{star:.2f}'} |"
+        lines.append(line)
+    if teacher_ppl:
+        lines += ["", "Teacher held-out perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in teacher_ppl.items())
+                  + "."]
+    if wintie:
+        first = next(iter(wintie.values()))
+        tasks = first["tasks"]
+        lines += [
+            "",
+            f"Win-and-Tie on suite `{first['suite']}` ({first['limit']} items per task; C_0: fraction of tasks "
+            "won or tied at α = 0, α*: smallest α with C_α >= 0.5, lower is better). Per task: score "
+            "(recovery S/T).",
+            "",
+            "| task | metric | teacher | " + " | ".join(wintie) + " |",
+            "|---|---|---:|" + "---:|" * len(wintie),
+        ]
+        for task, entry in tasks.items():
+            cells = []
+            for summary in wintie.values():
+                t = summary["tasks"][task]
+                rec = "n/a" if t["recovery"] is None else f"{t['recovery']:.2f}"
+                cells.append(f"{t['student']:.3f} ({rec})")
+            lines.append(f"| {task} | {entry['metric']} | {entry['teacher']:.3f} | " + " | ".join(cells) + " |")
     (out / "merge_report.md").write_text("\n".join(lines) + "\n")
     (out / "merge_report.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, domains, wintie, out / "merge_report.png", teacher_ppl or {})
+    return out / "merge_report.md"
+
+
+def _plot(
+    results: dict[str, dict], domains: list[str], wintie: dict[str, dict], path: Path, teacher_ppl: dict[str, float]
+) -> None:
+    """One panel per domain (held-out KD loss per model, own y-range, values, teacher line), plus ``C_α``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains) * max(1, len(results)) / 2, 3.5))
-    width = 0.8 / len(results)
-    for i, (label, row) in enumerate(results.items()):
-        ax.bar([d + i * width for d in range(len(domains))], [row[d][0] for d in domains], width, label=label)
-    ax.set_xticks([d + 0.4 - width / 2 for d in range(len(domains))], domains)
-    ax.set_ylabel("held-out KD loss")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "merge_report.png", dpi=120)
+    labels = list(results)
+    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    panels = len(domains) + (1 if wintie else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(0.9 + 3.2 * panels, 4.2), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        values = [results[label][domain][0] for label in labels]
+        bars = ax.bar(range(len(labels)), values, color=[colors[label] for label in labels])
+        teacher = 0.9 * math.log(teacher_ppl[domain]) if domain in teacher_ppl else None  # KL(T || T) = 0
+        span = values + ([teacher] if teacher is not None else [])
+        low, high = min(span), max(span)
+        pad = max(high - low, 1e-3 * max(abs(high), 1.0))
+        ax.set_ylim(low - 0.6 * pad, high + 0.4 * pad)  # differences between models are small: zoom in
+        ax.bar_label(bars, [f"{v:.3f}" for v in values], fontsize=7, rotation=90, padding=2)
+        ax.set_xticks([])
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{domain}: held-out KD loss", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("KD loss (lower is better)")
+    if wintie:
+        ax = axes[0][-1]
+        for i, (label, summary) in enumerate(wintie.items()):
+            alphas = [float(a) for a in summary["coverage"]]
+            star = summary["alpha_star"]
+            name = f"{label} (α* {'n/a' if star is None else f'{star:.2f}'})"
+            shift = 0.01 * (i - (len(wintie) - 1) / 2)  # equal curves would hide each other
+            values = [c + shift for c in summary["coverage"].values()]
+            ax.step(alphas, values, where="post", color=colors[label], label=name)
+        ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("relative tolerance α")
+        ax.set_ylabel("C_α (fraction of tasks won or tied)")
+        ax.set_title(f"Win-and-Tie, suite {next(iter(wintie.values()))['suite']}\n(curves ±0.01 apart)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in labels]
+    names = list(labels)
+    if teacher_ppl:
+        handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
+        names.append("teacher (0.9 CE; KL 0)" + ("; C_α = 0.5" if wintie else ""))
+    fig.legend(handles, names, loc="lower center", ncol=len(names) if len(names) <= 8 else 4, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out / "merge_report.md"

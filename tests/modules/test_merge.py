@@ -277,7 +277,13 @@ def test_capability_patching_retrains_one_expert_and_remerges(experts, teacher_d
 
 
 def test_merge_report_table(experts, teacher_dir, text_dir, tmp_path):
+    from lit_xdistill.modules.merge import _write_report
+
     exact = make_expert(tmp_path / "exact", teacher_dir)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: t\nlimit: 2\ntasks:\n  - {task: piqa, metric: acc_norm}\n  - {task: arc_easy, metric: acc}\n"
+    )
     report = merge_report(
         {"teacher copy": str(exact), "expert 1": str(experts[1])},
         {"plays": [str(text_dir)]},
@@ -289,13 +295,29 @@ def test_merge_report_table(experts, teacher_dir, text_dir, tmp_path):
         top_k=16,
         device="cpu",
         cache_dir=str(tmp_path / "cache"),
+        suite=str(suite),
+        eval_batch_size=4,
+        eval_cache_dir=str(tmp_path / "eval_cache"),
     )
     text = report.read_text()
-    assert "| model | plays KD loss | plays ppl | mean KD loss |" in text
+    assert "| model | plays KD loss | plays ppl | mean KD loss | C_0 | α* |" in text
+    assert "| piqa | acc_norm |" in text and "| arc_easy | acc |" in text and "Teacher held-out perplexity" in text
     results = json.loads((tmp_path / "report" / "merge_report.json").read_text())
     (copy_loss, copy_ppl), (noisy_loss, _) = results["teacher copy"]["plays"], results["expert 1"]["plays"]
     assert copy_loss < noisy_loss and 1 < copy_ppl < 400  # the exact teacher copy has zero KL
+    copy, noisy = results["teacher copy"]["wintie"], results["expert 1"]["wintie"]
+    assert copy["C_0"] == 1.0 and copy["alpha_star"] == 0.0  # the teacher copy ties the teacher on every task
+    assert all(t["recovery"] in (None, 1.0) and t["win_or_tie_at_0"] for t in copy["tasks"].values())
+    assert set(noisy["tasks"]) == {"piqa", "arc_easy"} and 0.0 <= noisy["C_0"] <= 1.0 and noisy["limit"] == 2
+    assert sorted(p.name for p in (tmp_path / "report" / "wintie").iterdir()) == [
+        "expert_1.json", "teacher.json", "teacher_copy.json"
+    ]
     assert (tmp_path / "report" / "merge_report.png").stat().st_size > 0
+    # without a suite: the held-out columns only (the report's behaviour before Win-and-Tie was added)
+    plain = {label: {"plays": row["plays"]} for label, row in results.items()}
+    text = _write_report(plain, ["plays"], tmp_path / "plain", "t", 64, 2).read_text()
+    assert "| model | plays KD loss | plays ppl | mean KD loss |\n" in text and "C_0" not in text
+    assert (tmp_path / "plain" / "merge_report.png").stat().st_size > 0
 
 
 def test_shipped_merge_configs_parse():
@@ -304,3 +326,15 @@ def test_shipped_merge_configs_parse():
     for path in [REPO / "configs/merge.yaml", *sorted((REPO / "configs/experts").glob("*.yaml"))]:
         cli = XDistillCLI(args=["--config", str(path)], run=False)
         assert cli.model.export_dir, path
+
+
+def test_stage3_cpu_overlay_composes_with_the_merge_config():
+    import subprocess
+
+    from lit_xdistill.cli import XDistillCLI
+
+    args = ["--config", str(REPO / "configs/merge.yaml"), "--config", str(REPO / "configs/stage3/merge-cpu.yaml")]
+    cli = XDistillCLI(args=args, run=False)
+    assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator" and cli.datamodule.seq_len == 256
+    assert cli.model.teacher_spec.dtype == "float32"
+    assert subprocess.run(["bash", "-n", str(REPO / "runs/stage3/cpu.sh")]).returncode == 0
