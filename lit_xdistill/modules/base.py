@@ -61,6 +61,10 @@ class StudentOptions:
     pointwise_backend: str = "auto"
     gradient_checkpointing: bool = False
 
+    def backends(self) -> dict[str, str]:
+        """The execution choices (``*_backend``): not architecture, so always this run's own."""
+        return {k: v for k, v in self.mixer_options().items() if k.endswith("_backend")}
+
     def mixer_options(self) -> dict:
         opts = asdict(self)
         for key in ("init_from", "gradient_checkpointing"):
@@ -116,9 +120,8 @@ def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOpti
     path = Path(source).expanduser() if source else None
     if path is not None and path.is_dir():
         config = XDistillConfig.from_pretrained(path)
-        for name, value in options.mixer_options().items():
-            if name.endswith("_backend"):
-                setattr(config, name, value)
+        for name, value in options.backends().items():
+            setattr(config, name, value)
     else:  # a fresh conversion, or a Lightning .ckpt of one (same options, same config)
         config = XDistillConfig(teacher_config=teacher.load_config().to_dict(), teacher_identity=teacher.identity,
                                 **options.mixer_options())
@@ -142,9 +145,8 @@ def _check_architecture(student: XDistillForCausalLM, options: StudentOptions, s
             f"init_from={source} has another student architecture ({detail}). Set model.student to the "
             "stage-I settings, or redo stage I with the new ones."
         )
-    backends = {k: v for k, v in options.mixer_options().items() if k.endswith("_backend")}
-    for owner in (student.config, *student.mixers()):  # execution choices, not architecture: this run's
-        for name, value in backends.items():
+    for owner in (student.config, *student.mixers()):
+        for name, value in options.backends().items():
             setattr(owner, name, value)
 
 
@@ -233,10 +235,10 @@ class StudentModule(L.LightningModule):
         Only rank 0 then reads the teacher (an 8B teacher is ~32 GB of CPU RAM in fp32 per process); the other
         ranks build the student on the meta device (``empty_student``) and FSDP fills it at wrap time.
         """
-        trainer = self._trainer
-        if trainer is None or trainer.global_rank == 0 or not isinstance(trainer.strategy, FSDPStrategy):
+        strategy = self._fsdp_strategy()
+        if strategy is None or self._trainer.global_rank == 0:
             return False
-        return bool(trainer.strategy.kwargs.get("sync_module_states"))
+        return bool(strategy.kwargs.get("sync_module_states"))
 
     def select_trainable(self) -> None:
         """Set ``requires_grad`` on the parameters this stage trains (all by default)."""

@@ -64,7 +64,7 @@ def test_only_rank_zero_reads_the_teacher(tmp_path, monkeypatch):
     def built_on(rank: int, sync: bool) -> XDistillForCausalLM:
         module = KDModule(teacher=spec, student=StudentOptions(window=8))
         strategy = FSDPStrategy(sync_module_states=sync)
-        module._trainer = SimpleNamespace(global_rank=rank, strategy=strategy)
+        module._trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy)
         module.configure_model()
         return module.student
 
