@@ -35,3 +35,12 @@ def test_stage_config_parses(stage, teacher, capsys):
 def test_all_yaml_files_are_valid_yaml():
     for path in (ROOT / "configs").rglob("*.yaml"):
         assert yaml.safe_load(path.read_text()) is not None, path
+
+
+def test_dotted_null_override_converts_afresh(tmp_path):
+    """`--model.init_args.student.init_from null` (the multi-GPU recipes use it) means "no stage-I result":
+    jsonargparse hands it over as the string "None", which must not be taken for a folder name."""
+    cli = XDistillCLI(args=["--config", str(ROOT / "configs" / "kd.yaml"),
+                            "--model.init_args.student.init_from", "null",
+                            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model.student_options.init_from is None

@@ -60,7 +60,7 @@ class AlignmentModule(StudentModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses = self._align_losses(batch)
         loss = torch.stack(list(losses.values())).sum()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # global-batch mean on N GPUs
         self.log_dict({f"align/mse/layer_{i:02d}": v.detach() for i, v in losses.items()})
         return loss
 

@@ -61,6 +61,12 @@ class StudentOptions:
     pointwise_backend: str = "auto"
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        # A dotted override inside a subclass's init_args (`--model.init_args.student.init_from null`)
+        # reaches us from jsonargparse as the string "None", not None: read it as "convert afresh".
+        if self.init_from in ("None", "null", ""):
+            self.init_from = None
+
     def backends(self) -> dict[str, str]:
         """The execution choices (``*_backend``): not architecture, so always this run's own."""
         return {k: v for k, v in self.mixer_options().items() if k.endswith("_backend")}

@@ -89,8 +89,9 @@ class KDModule(StudentModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self._losses(batch)
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({"train/ce": out.ce, "train/kl": out.kl})
+        # sync_dist: the mean over ranks, so a run on N GPUs logs the loss of its whole global batch
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log_dict({"train/ce": out.ce, "train/kl": out.kl}, sync_dist=True)
         return out.loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -10,7 +10,7 @@ eval "$(bash /root/xdistill-env.sh)"
 export PYTHONPATH=$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OUT=${OUT_RUN:-/root/smollm2}
 ln -sfn "$PWD/kernels" /tmp/site/xdistill_kernels
 mkdir -p /root/bin
-printf '#!/bin/sh\nexec python3 -c "from lit_xdistill.cli import main; main()" "$@"\n' > /root/bin/lit-xdistill
+printf '#!/bin/sh\nexec python3 -m lit_xdistill.cli "$@"\n' > /root/bin/lit-xdistill  # -m: Lightning re-launches ranks by module name
 chmod +x /root/bin/lit-xdistill
 export PATH=/root/bin:$PATH
 
