@@ -250,14 +250,22 @@ def student_from_teacher(teacher: PreTrainedModel, teacher_identity: str | None 
     adapter_for(teacher.config)  # fail fast with the list of supported families
     config = XDistillConfig(teacher_config=teacher.config.to_dict(), teacher_identity=teacher_identity,
                             **mixer_options)
-    student = XDistillForCausalLM(config).to(dtype=teacher.dtype)
+    # Built on the meta device, then given uninitialised storage: every backbone tensor is overwritten by the
+    # teacher's below, and random-initialising them first cost minutes of CPU per rank for an 8B teacher
+    # (issue 7). to_empty unties shared weights (SmolLM2's lm_head): re-tie before copying.
+    with torch.device("meta"):
+        student = XDistillForCausalLM(config).to(dtype=teacher.dtype)
+    student.to_empty(device=teacher.device)
+    student.tie_weights()
     # Non-persistent buffers (RoPE's inv_freq) are not in the state dict: copy them with their dtype,
     # which from_pretrained(dtype=bf16) leaves at fp32 and a plain .to(bf16) would round.
     teacher_buffers = dict(teacher.named_buffers())
-    for name, _ in list(student.backbone.named_buffers()):
-        if name in teacher_buffers:
-            owner, _, attr = name.rpartition(".")
-            student.backbone.get_submodule(owner)._buffers[attr] = teacher_buffers[name].clone()
+    for name, _ in list(student.named_buffers()):
+        backbone_name = name.removeprefix("backbone.")
+        if backbone_name not in teacher_buffers:
+            raise RuntimeError(f"student buffer {name} has no teacher counterpart to copy (left uninitialised)")
+        owner, _, attr = name.rpartition(".")
+        student.get_submodule(owner)._buffers[attr] = teacher_buffers[backbone_name].clone()
     missing, unexpected = student.backbone.load_state_dict(teacher.state_dict(), strict=False)
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     missing = [k for k in missing if ".xdistill_mixer." not in k]

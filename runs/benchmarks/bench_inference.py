@@ -25,6 +25,9 @@ against context length) to ``--out``; ``--merge`` rebuilds table and plot from s
     python runs/benchmarks/bench_inference.py --smoke --out DIR       # GPU smoke test with a correctness check
     python runs/benchmarks/bench_inference.py --device cpu --shape tiny --contexts 64 128   # CPU smoke test
     python runs/benchmarks/bench_inference.py --merge A/results.json B/results.json --out DIR
+
+Every row is saved to ``--out/results.json`` as soon as it is measured; ``--resume`` measures only the rows that
+file lacks, so a long run can go in pieces under a time limit (rerun the same command until it ends).
 """
 
 from __future__ import annotations
@@ -169,8 +172,9 @@ def _guarded(fn, runner, device: torch.device) -> dict:
             torch.cuda.empty_cache()
 
 
-def _run_model(name: str, runner, args, device: torch.device, vocab: int) -> list[dict]:
-    rows = []
+def _run_model(name: str, runner, args, device: torch.device, vocab: int, record) -> None:
+    """Measure one model at every context and batch; ``record(row)`` keeps each row as soon as it exists
+    and returns False for a row that an earlier, resumed piece already measured (it is then skipped)."""
     gen = torch.Generator().manual_seed(0)
     for ctx in args.contexts:
         prompt = torch.randint(0, vocab, (args.prefill_batch, ctx), generator=gen).to(device)
@@ -179,15 +183,14 @@ def _run_model(name: str, runner, args, device: torch.device, vocab: int) -> lis
             seconds = _median_time(lambda: runner.prefill_only(p), device, args.repeats)
             return {"tokens_per_s": p.numel() / seconds, "ttft_ms": seconds * 1e3}
 
-        rows.append({"kind": "prefill", "model": name, "context": ctx, "batch": args.prefill_batch,
-                     **_guarded(prefill, runner, device)})
-        print(json.dumps(rows[-1]), flush=True)
+        key = {"kind": "prefill", "model": name, "context": ctx, "batch": args.prefill_batch}
+        if record(key):
+            record({**key, **_guarded(prefill, runner, device)})
         for batch in args.batches:
             prompt = torch.randint(0, vocab, (batch, ctx), generator=gen).to(device)
-            rows.append({"kind": "decode", "model": name, "context": ctx, "batch": batch,
-                         **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+            key = {"kind": "decode", "model": name, "context": ctx, "batch": batch}
+            if record(key):
+                record({**key, **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
 
 
 def _teacher(args, device: torch.device, dtype: torch.dtype):
@@ -279,6 +282,12 @@ def _plot(meta: dict, rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _resumed_rows(out: Path | None) -> list[dict]:
+    """Rows an earlier piece saved in ``out/results.json`` (none if there is no such file)."""
+    path = out / "results.json" if out is not None else None
+    return json.loads(path.read_text())["rows"] if path is not None and path.is_file() else []
+
+
 def _write(meta: dict, rows: list[dict], out: Path | None) -> None:
     report = _report(meta, rows)
     print(report)
@@ -317,6 +326,9 @@ def main() -> None:
                         help=f"small GPU smoke run {SMOKE} after a correctness check of the fast path")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="results.json files to combine")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json, inference.md and .png")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of --out/results.json and measure only the missing ones (pieces of a "
+                             "run under a time limit)")
     args = parser.parse_args()
 
     if args.merge:
@@ -333,12 +345,27 @@ def main() -> None:
             "teacher_compile": args.teacher_compile and device.type == "cuda",
             "student_graph": args.student_graph and device.type == "cuda",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    rows = []
+    rows = _resumed_rows(args.out) if args.resume else []
+
+    def record(row: dict) -> bool:
+        """A key (no "status"): False when already measured. A result: kept, printed, saved at once."""
+        key = (row["kind"], row["model"], row["context"], row["batch"])
+        if "status" not in row:
+            return key not in {(r["kind"], r["model"], r["context"], r["batch"]) for r in rows}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out is not None:  # a piece cut by a time limit keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            partial = args.out / "results.json.tmp"
+            partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            partial.replace(args.out / "results.json")
+        return True
+
     with torch.no_grad():
         teacher = _teacher(args, device, dtype)
         vocab = teacher.config.vocab_size
         if "teacher" in args.models:
-            rows += _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab)
+            _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab, record)
         with torch.device(device):
             student = student_from_teacher(teacher, window=args.window, n_sinks=args.n_sinks).eval()
         del teacher
@@ -348,7 +375,7 @@ def main() -> None:
             meta["check"] = _check_fast_path(student, device)
             print(meta["check"], flush=True)
         if "student" in args.models:
-            rows += _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab)
+            _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab, record)
     _write(meta, rows, args.out)
 
 

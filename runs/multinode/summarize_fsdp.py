@@ -97,26 +97,38 @@ def export_check(root: Path) -> dict | None:
 
 
 def plot(runs: dict[str, dict], rows: list[dict], path: Path) -> None:
+    """Loss curves, their step-by-step relative differences to the 1-GPU run, and (when the 8B runs exist) the
+    per-GPU throughput with its scaling efficiency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, style in (("parity1", "-"), ("parity2", "--"), ("resume4", ":"), ("resume2", ":")):
-        loss = runs.get(name, {}).get("train/loss", {})
-        if loss:
-            steps = sorted(loss)
-            ax_loss.plot(steps, [loss[s] for s in steps], style, label=name)
-    ax_loss.set(xlabel="step", ylabel="train/loss (global batch)",
-                title="small model, global batch 8 x 1024: 1 vs 2 GPUs, 4 -> 2 resume")
-    ax_loss.legend()
-    labels = [f"{r['run']}" for r in rows]
-    ax_rate.bar(labels, [r["tokens_per_s_per_gpu"] for r in rows])
-    for i, r in enumerate(rows):
-        ax_rate.annotate(f"{r['efficiency']:.0%}", (i, r["tokens_per_s_per_gpu"]), ha="center", va="bottom")
-    ax_rate.set(ylabel="tokens/s per GPU (median)", title="8B shape, 4096 x 1 per GPU (label: efficiency)")
-    ax_rate.tick_params(axis="x", rotation=30)
+    loss = {name: runs.get(name, {}).get("train/loss", {}) for name in ("parity1", "parity2", "resume4", "resume2")}
+    resumed = {**loss["resume4"], **loss["resume2"]}
+    fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(17 if rows else 12, 4.2))
+    ax_loss, ax_diff = axes[0], axes[1]
+    for name, curve, style in (("1 GPU x 8", loss["parity1"], "-"), ("2 GPUs x 4", loss["parity2"], "--"),
+                               ("4 GPUs x 2, resumed on 2 at step 20", resumed, ":")):
+        if curve:
+            steps = sorted(curve)
+            ax_loss.plot(steps, [curve[s] for s in steps], style, label=name)
+            if curve is not loss["parity1"] and loss["parity1"]:
+                common = [s for s in steps if s in loss["parity1"]]
+                ax_diff.semilogy(common, [abs(curve[s] / loss["parity1"][s] - 1) + 1e-9 for s in common], style,
+                                 label=name)
+    ax_loss.set(xlabel="step", ylabel="train/loss (global batch of 8 x 1024)", title="small model, FSDP stage II")
+    ax_diff.set(xlabel="step", ylabel="|loss / loss on 1 GPU - 1|", title="relative difference to the 1-GPU run")
+    for ax in (ax_loss, ax_diff):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if rows:
+        ax_rate = axes[2]
+        ax_rate.bar([r["run"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows])
+        for i, r in enumerate(rows):
+            ax_rate.annotate(f"{r['efficiency']:.0%}", (i, r["tokens_per_s_per_gpu"]), ha="center", va="bottom")
+        ax_rate.set(ylabel="tokens/s per GPU (median)", title="8B shape, 4096 x 1 per GPU (label: efficiency)")
+        ax_rate.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

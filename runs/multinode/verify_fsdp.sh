@@ -8,8 +8,10 @@
 #   bash runs/multinode/verify_fsdp.sh wintie   # WinTieCallback + end-of-fit export under FSDP, 2 GPUs
 #   bash runs/multinode/verify_fsdp.sh summary  # runs/multinode/summarize_fsdp.py -> $ROOT/summary.{md,json,png}
 #   bash runs/multinode/verify_fsdp.sh collect  # logs, TensorBoard events, summary, benchmarks -> $DEVICE_OUT/fsdp.tgz
-# PHASE_SECONDS=N: jobs get a deadline N seconds from the start (a job is killed at it, later ones skipped), so
-# no process outlives the device tool's command limit and holds GPUs into the next call.
+# PHASE_SECONDS=N: jobs get a deadline N seconds from the start, so no process outlives the device tool's
+# command limit and holds GPUs into the next call: at the deadline every rank of a fit gets SIGUSR1 (it prints
+# all its threads' Python stacks into the job's log: where a stuck run waits) and SIGKILL 20 s later; later
+# jobs are skipped.
 #
 # Jobs (all Llama-shaped random-weight teachers and their hybrid students, data: Python stdlib source text):
 #   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x 1 sequence per GPU, 12 steps  -> scaling
@@ -53,6 +55,9 @@ else
 fi
 TEXT=$ROOT/text
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+# Lightning starts one process per GPU, each with one OpenMP thread per core by default: 4 ranks x 64 threads
+# oversubscribe the host during the CPU-side model construction.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 # Options every job shares: its TensorBoard folder, the token cache, no validation, a step logged each step.
 common() {
@@ -86,11 +91,11 @@ fit() {
   echo "[$(date +%T)] $name: start on GPU(s) $gpus"
   local started=$SECONDS
   CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$((29500 + 10 * ${gpus:0:1})) \
-    timeout -k 10 "$left" lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" \
+    timeout -s USR1 -k 20 "$left" lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" \
     --trainer.logger.init_args.name "$name" > "$ROOT/logs/$name.log" 2>&1
   local rc=$?
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"
-  [ $rc = 0 ] && touch "$ROOT/done/$name" || tail -n 25 "$ROOT/logs/$name.log"
+  [ $rc = 0 ] && touch "$ROOT/done/$name" || grep -v '^\s*$' "$ROOT/logs/$name.log" | tail -n 40
   return $rc
 }
 
