@@ -290,13 +290,9 @@ def gate_activations(g: Tensor, num_heads: int, cap: float) -> tuple[Tensor, Ten
 
 # -- output mix ------------------------------------------------------------------------------------------------
 @triton.jit
-def _mix_fwd(
-    o_ptr,  # (B, NH, S) fp32 contiguous
-    h_ptr, a_ptr, out_ptr,  # (B, NH, S, D) each, strides sh*, sa*, so*
-    S, NH, D,
-    sh0, sh1, sh2, sh3, sa0, sa1, sa2, sa3, so0, so1, so2, so3,
-    BS: tl.constexpr, BD: tl.constexpr,
-):
+def _mix_tile(o_ptr, h_ptr, a_ptr, S, NH, D, sh0, sh1, sh2, sh3, sa0, sa1, sa2, sa3,
+              BS: tl.constexpr, BD: tl.constexpr):
+    """This program's (BS, BD) tile of one (batch, head): its coordinates and o, h, a in fp32."""
     blk, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, hd = bh // NH, bh % NH
     s = blk * BS + tl.arange(0, BS)
@@ -305,6 +301,19 @@ def _mix_fwd(
     o = tl.load(o_ptr + bh * S + s, mask=s < S, other=0.0)[:, None]
     h = tl.load(h_ptr + b * sh0 + hd * sh1 + s[:, None] * sh2 + d * sh3, mask=keep, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + b * sa0 + hd * sa1 + s[:, None] * sa2 + d * sa3, mask=keep, other=0.0).to(tl.float32)
+    return b, hd, bh, s, d, keep, o, h, a
+
+
+@triton.jit
+def _mix_fwd(
+    o_ptr,  # (B, NH, S) fp32 contiguous
+    h_ptr, a_ptr, out_ptr,  # (B, NH, S, D) each, strides sh*, sa*, so*
+    S, NH, D,
+    sh0, sh1, sh2, sh3, sa0, sa1, sa2, sa3, so0, so1, so2, so3,
+    BS: tl.constexpr, BD: tl.constexpr,
+):
+    b, hd, bh, s, d, keep, o, h, a = _mix_tile(o_ptr, h_ptr, a_ptr, S, NH, D, sh0, sh1, sh2, sh3,
+                                               sa0, sa1, sa2, sa3, BS, BD)
     out = o * h + (1.0 - o) * a
     tl.store(out_ptr + b * so0 + hd * so1 + s[:, None] * so2 + d * so3, out.to(out_ptr.dtype.element_ty),
              mask=keep)
@@ -320,14 +329,8 @@ def _mix_bwd(
     sh0, sh1, sh2, sh3, sa0, sa1, sa2, sa3, sd0, sd1, sd2, sd3,
     BS: tl.constexpr, BD: tl.constexpr,
 ):
-    blk, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    b, hd = bh // NH, bh % NH
-    s = blk * BS + tl.arange(0, BS)
-    d = tl.arange(0, BD)[None, :]
-    keep = (s[:, None] < S) & (d < D)
-    o = tl.load(o_ptr + bh * S + s, mask=s < S, other=0.0)[:, None]
-    h = tl.load(h_ptr + b * sh0 + hd * sh1 + s[:, None] * sh2 + d * sh3, mask=keep, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + b * sa0 + hd * sa1 + s[:, None] * sa2 + d * sa3, mask=keep, other=0.0).to(tl.float32)
+    b, hd, bh, s, d, keep, o, h, a = _mix_tile(o_ptr, h_ptr, a_ptr, S, NH, D, sh0, sh1, sh2, sh3,
+                                               sa0, sa1, sa2, sa3, BS, BD)
     g = tl.load(dout_ptr + b * sd0 + hd * sd1 + s[:, None] * sd2 + d * sd3, mask=keep, other=0.0)
     g = g.to(tl.float32)
     dst = (bh * S + s[:, None]) * D + d
