@@ -191,6 +191,20 @@ def _bwd_dden(
 
 
 @triton.jit
+def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, doc, doc_prev, eps):
+    """What both backward kernels read for chunk c: the max states m_c and m_{c+1} around it, each query's
+    stabiliser m_i, 1 / its normaliser (rz, as in the forward) and the decay of the carried state into each
+    query (s_inter: zero past a document boundary)."""
+    m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
+    m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
+    m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
+    den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
+    rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
+    s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
+    return m_c, m_next, m_i, rz, s_inter
+
+
+@triton.jit
 def _bwd_states(
     q_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) gradient of the output
     ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
@@ -221,12 +235,8 @@ def _bwd_states(
             tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
         offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
             ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
-        m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
-        m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
-        m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
-        den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
-        rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
-        s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
+        m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
+                                                           b, doc, doc_prev, eps)
         g = tl.where(doc_last == doc_prev, tl.exp(b_last + m_c - m_next), 0.0)
         q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
         dh = tl.load(dh_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
@@ -257,13 +267,9 @@ def _bwd_grads(
     c, bh = tl.program_id(0), tl.program_id(1)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
-    m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
-    m_next = tl.load(ms_ptr + bh * (NC + 1) + c + 1)
-    m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
-    den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
+    m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
+                                                       b, doc, doc_prev, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
-    rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
-    s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
     w = tl.where(valid & (doc == doc_last), tl.exp(b_last - b + ig - m_next), 0.0)
     P = tl.exp(_intra_logits(b, ig, doc, valid, L) - m_i[:, None])
     rows = (bh * S + offs)[:, None]
