@@ -212,6 +212,7 @@ class StudentModule(L.LightningModule):
         if self.student is not None:
             return
         opts = self.student_options
+        started = time.perf_counter()
         if self._rank_zero_builds_alone():
             student = empty_student(opts.init_from, self.teacher_spec, opts)
         elif opts.init_from:
@@ -226,6 +227,9 @@ class StudentModule(L.LightningModule):
             student.gradient_checkpointing_enable()
         self.student = student
         self.select_trainable()
+        # start-up of a large run is otherwise silent until the first step (an 8B student takes a while)
+        _say(f"[lit-xdistill] student built in {time.perf_counter() - started:.1f} s "
+             f"({sum(p.numel() for p in student.parameters()) / 1e9:.2f}B parameters)")
 
     def _fsdp_strategy(self) -> FSDPStrategy | None:
         """The run's FSDPStrategy when it spans several processes, else None."""

@@ -11,7 +11,7 @@
 # PHASE_SECONDS=N: jobs get a deadline N seconds from the start, so no process outlives the device tool's
 # command limit and holds GPUs into the next call: at the deadline every rank of a fit gets SIGUSR1 (it prints
 # all its threads' Python stacks into the job's log: where a stuck run waits) and SIGKILL 20 s later; later
-# jobs are skipped.
+# jobs are skipped. JOB_SECONDS=N also caps each job (one stuck job then leaves time for the next).
 #
 # Jobs (all Llama-shaped random-weight teachers and their hybrid students, data: Python stdlib source text):
 #   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x 1 sequence per GPU, 12 steps  -> scaling
@@ -38,7 +38,7 @@ END=$(($(date +%s) + ${PHASE_SECONDS:-36000}))
 time_left() {
   local left=$((END - $(date +%s)))
   [ $left -ge 60 ] || { echo "[$(date +%T)] $1: skipped, ${left}s left in this phase"; return 1; }
-  echo $left
+  echo $((left < ${JOB_SECONDS:-$left} ? left : JOB_SECONDS))
 }
 
 if [ "$DRYRUN" = 1 ]; then
