@@ -38,7 +38,8 @@ END=$(($(date +%s) + ${PHASE_SECONDS:-36000}))
 time_left() {
   local left=$((END - $(date +%s)))
   [ $left -ge 60 ] || { echo "[$(date +%T)] $1: skipped, ${left}s left in this phase"; return 1; }
-  echo $((left < ${JOB_SECONDS:-$left} ? left : JOB_SECONDS))
+  local cap=${JOB_SECONDS:-$left}
+  echo $((left < cap ? left : cap))
 }
 
 if [ "$DRYRUN" = 1 ]; then
