@@ -6,12 +6,18 @@ training_step minus logging); plain fine-tuning is the teacher itself (transform
 with next-token CE. Medians over timed steps after warm-up (the first steps compile FlexAttention and
 the Triton kernels).
 
+``--profile`` adds, for plain fine-tuning and the cached-logits KD step, a torch.profiler breakdown of two steps:
+GPU time per kernel family (our mLSTM Triton kernels, FlexAttention, SDPA/flash, GEMMs, other Triton,
+elementwise/reduction/copy), the step's wall time and the GPU-busy fraction (a low one means the host, not the
+GPU, sets the pace), and the 25 costliest kernels.
+
 ``--pointwise`` runs the KD rows once per listed backend of the mixer's feature maps, gates and output mix
 (``XDistillConfig.pointwise_backend``), in this process on the same student, so fused and unfused compare
 side by side. ``--device cpu`` is a smoke run of the same code path (tiny sizes; no memory column; the
 Triton backend there needs ``TRITON_INTERPRET=1`` in the environment).
 
     python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --pointwise torch triton --out results.md
+    python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --profile --out results.md  # + where time goes
     python runs/benchmarks/bench_stage2.py --device cpu --seq-len 64 --batch 1 --steps 1 --warmup 1
 """
 
@@ -47,6 +53,51 @@ def _time_steps(step, n_warmup: int, n_timed: int, dev: torch.device) -> tuple[f
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 
+# Kernel-name patterns per family, first match wins (names as the CUDA profiler reports them).
+FAMILIES = (
+    ("mLSTM (ours, Triton)", ("_fwd_states", "_fwd_output", "_bwd_dden", "_bwd_states", "_bwd_grads")),
+    ("fused mixer ops (ours, Triton)", ("_feature_map", "_gate_act", "_mix_fwd", "_mix_bwd")),
+    ("FlexAttention", ("flex", "triton_tem_fused")),
+    ("SDPA / flash", ("flash", "fmha", "attention", "cudnn")),
+    ("GEMM", ("gemm", "cutlass", "sm90_xmma", "nvjet", "ampere_", "cublas")),
+    ("other Triton (inductor)", ("triton_",)),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("elementwise / reduction / copy", ("elementwise", "reduce", "copy", "fill", "index", "gather", "scatter",
+                                        "cat", "softmax", "log_softmax", "nll", "sum", "where", "topk", "sort")),
+)
+
+
+def _profile(step, dev: torch.device, title: str, n_steps: int = 2) -> str:
+    """GPU time per kernel family over ``n_steps`` steps, wall time and busy fraction, costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    step()  # warm (compiled and autotuned already by the timing, but keep the allocator steady)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / n_steps
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA") and e.device_time_total > 0]
+    per_family: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        family = next((f for f, pats in FAMILIES if any(p.lower() in name for p in pats)), "other")
+        per_family[family] = per_family.get(family, 0.0) + e.device_time_total / 1e3 / n_steps
+    busy = sum(per_family.values())
+    lines = [f"### {title}: {wall_ms:.1f} ms per step, GPU kernels {busy:.1f} ms ({busy / wall_ms:.0%} busy)", "",
+             "| kernel family | ms per step | share of step |", "|---|---:|---:|"]
+    lines += [f"| {f} | {ms:.1f} | {ms / wall_ms:.0%} |" for f, ms in sorted(per_family.items(), key=lambda x: -x[1])]
+    lines += ["", "| kernel | calls per step | ms per step |", "|---|---:|---:|"]
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
+        lines.append(f"| `{e.key[:90]}` | {e.count / n_steps:.0f} | {e.device_time_total / 1e3 / n_steps:.2f} |")
+    return "\n".join(lines)
+
+
 def _train_step(model_step, params, dev: torch.device):
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=dev.type == "cuda")
 
@@ -61,6 +112,9 @@ def _train_step(model_step, params, dev: torch.device):
     return step
 
 
+PROFILES: list[str] = []  # filled by --profile
+
+
 def _plain_finetuning(spec: TeacherSpec, batch: dict, args) -> tuple[tuple, tuple]:
     """Time plain fine-tuning of the teacher (what KD is compared with); return its teacher top-k too."""
     plain = spec.load_model(batch["input_ids"].device).float().requires_grad_(True).train()
@@ -68,6 +122,8 @@ def _plain_finetuning(spec: TeacherSpec, batch: dict, args) -> tuple[tuple, tupl
     step = _train_step(lambda: plain(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
                        list(plain.parameters()), dev)
     row = ("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps, dev))
+    if args.profile:
+        PROFILES.append(_profile(step, dev, "plain fine-tuning (teacher, SDPA)"))
     with torch.no_grad():  # the teacher top-k once, as the logit cache would hold it
         topk = topk_logprobs(plain(input_ids=batch["input_ids"]).logits.flatten(0, 1), args.top_k)
     return row, topk
@@ -85,6 +141,8 @@ def main() -> None:
                         help="mixer pointwise backend(s) to time the KD rows with, in this order")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
+    parser.add_argument("--profile", action="store_true",
+                        help="add a per-kernel-family GPU time breakdown of plain FT and cached-logits KD")
     args = parser.parse_args()
     dev = torch.device(args.device)
     spec = TeacherSpec(args.teacher, dtype="bfloat16")
@@ -119,6 +177,8 @@ def main() -> None:
         for name, inputs in (("cached top-k logits", cached), ("live teacher", batch)):
             step = _train_step(lambda inputs=inputs: module._losses(inputs).loss, params, dev)
             rows.append((f"KD, {name}, pointwise {backend}", *_time_steps(step, args.warmup, args.steps, dev)))
+            if args.profile and inputs is cached:
+                PROFILES.append(_profile(step, dev, f"KD, cached top-k logits, pointwise {backend}"))
 
     tokens = args.batch * args.seq_len
     base = tokens / rows[0][1]
@@ -133,7 +193,7 @@ def main() -> None:
     for name, sec, mem in rows:
         mem_text = "-" if mem != mem else f"{mem:.1f}"  # NaN on CPU
         lines.append(f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {tokens / sec / base:.2f}x | {mem_text} |")
-    report = "\n".join(lines)
+    report = "\n\n".join(["\n".join(lines), *PROFILES])
     print(report)
     if args.out:
         with open(args.out, "w") as fh:
