@@ -4,7 +4,8 @@ One process, one card, the same batch (B x S tokens of real text), bf16 autocast
 weights, AdamW. Each step = forward + backward + optimizer step of the real ``KDModule`` loss (its
 training_step minus logging); plain fine-tuning is the teacher itself (transformers, SDPA) trained
 with next-token CE. Medians over timed steps after warm-up (the first steps compile FlexAttention and
-the Triton kernels).
+the Triton kernels). Every KD step gets a fresh segment-id tensor, as from a data loader, so the per-batch
+FlexAttention block-mask build is part of the KD time (runs before 2026-11-27's third session reused one).
 
 ``--profile`` adds, for plain fine-tuning and the cached-logits KD step, a torch.profiler breakdown of two steps:
 GPU time per kernel family (our mLSTM Triton kernels, FlexAttention, SDPA/flash, GEMMs, other Triton,
@@ -175,7 +176,11 @@ def main() -> None:
         for mixer in mixers:
             mixer.pointwise_backend = backend
         for name, inputs in (("cached top-k logits", cached), ("live teacher", batch)):
-            step = _train_step(lambda inputs=inputs: module._losses(inputs).loss, params, dev)
+            # a fresh segment-id tensor per step, as the data loader gives: the attention's block mask is
+            # cached per tensor, so reusing one would leave its per-batch build out of the timing
+            step = _train_step(
+                lambda inputs=inputs: module._losses({**inputs, "segment_ids": inputs["segment_ids"].clone()}).loss,
+                params, dev)
             rows.append((f"KD, {name}, pointwise {backend}", *_time_steps(step, args.warmup, args.steps, dev)))
             if args.profile and inputs is cached:
                 PROFILES.append(_profile(step, dev, f"KD, cached top-k logits, pointwise {backend}"))
