@@ -225,6 +225,10 @@ class StudentModule(L.LightningModule):
                  "converted student")
         if opts.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+        # from_pretrained (a stage-I result) hands back eval mode, and Lightning keeps the modes it finds: a
+        # training stage wants train mode (transformers' gradient checkpointing, for one, only runs in it).
+        # A stage that wants otherwise says so in select_trainable (alignment keeps its frozen backbone in eval).
+        student.train()
         self.student = student
         self.select_trainable()
         # start-up of a large run is otherwise silent until the first step (an 8B student takes a while)

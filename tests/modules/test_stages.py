@@ -101,3 +101,18 @@ def test_kd_loss_matches_its_definition():
     # the full-vocabulary KL is an upper bound of the coarse-grained (top-k + tail) one
     full = (teacher.exp() * (teacher - logq)).sum(-1)[keep].mean()
     assert kl <= full + 1e-12
+
+
+def test_students_are_in_the_mode_their_stage_trains_in(aligned, tiny_teacher_dir):
+    """A stage-I export comes back from from_pretrained in eval mode: KD must train it in train mode (or
+    transformers' gradient checkpointing silently does nothing); alignment keeps its frozen backbone in eval."""
+    from lit_xdistill.modules import AlignmentModule, KDModule, StudentOptions
+    from lit_xdistill.teachers import TeacherSpec
+
+    spec = TeacherSpec(tiny_teacher_dir, dtype="float32")
+    kd = KDModule(teacher=spec, student=StudentOptions(init_from=str(aligned / "align_student"), window=16))
+    kd.configure_model()
+    assert kd.student.training and all(m.training for m in kd.student.modules())
+    align = AlignmentModule(teacher=spec, student=StudentOptions(window=16))
+    align.configure_model()
+    assert not any(m.training for m in align.student.modules())
