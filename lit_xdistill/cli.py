@@ -9,8 +9,9 @@
     lit-xdistill evaluate runs/kd/student smollm2-135m-instruct --suite default
     lit-xdistill merge --paths '[a, b]' --weights '[0.5, 0.5]' --out_dir runs/merged
 
-A run that seems stuck (one rank of a multi-GPU run waiting on another, say): ``kill -USR1 <pid>`` (or
-``pkill -USR1 -f lit_xdistill``) prints every thread's Python stack to stderr and lets the run go on.
+A run that seems stuck (one rank of a multi-GPU run waiting on another, say): ``kill -USR2 <pid>`` (or
+``pkill -USR2 -f lit_xdistill``) prints every thread's Python stack to stderr and lets the run go on. (SIGUSR1
+stays the pre-emption signal: SLURM requeue, ``PreemptionCheckpoint``.)
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def export(configs: list[str], ckpt_path: str, out_dir: str) -> Path:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-xdistill`` console script."""
-    if hasattr(signal, "SIGUSR1"):  # POSIX: stack dump on demand; ranks started by Lightning come here too
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR2"):  # POSIX: stack dump on demand; ranks started by Lightning come here too
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
     argv = list(sys.argv[1:] if args is None else args)
     from .eval.commands import evaluate, wintie
     from .modules.experts import merge_experts

@@ -9,7 +9,7 @@
 #   bash runs/multinode/verify_fsdp.sh summary  # runs/multinode/summarize_fsdp.py -> $ROOT/summary.{md,json,png}
 #   bash runs/multinode/verify_fsdp.sh collect  # logs, TensorBoard events, summary, benchmarks -> $DEVICE_OUT/fsdp.tgz
 # PHASE_SECONDS=N: jobs get a deadline N seconds from the start, so no process outlives the device tool's
-# command limit and holds GPUs into the next call: at the deadline every rank of a fit gets SIGUSR1 (it prints
+# command limit and holds GPUs into the next call: at the deadline every rank of a fit gets SIGUSR2 (it prints
 # all its threads' Python stacks into the job's log: where a stuck run waits) and SIGKILL 20 s later; later
 # jobs are skipped. JOB_SECONDS=N also caps each job (one stuck job then leaves time for the next).
 #
@@ -92,7 +92,7 @@ fit() {
   echo "[$(date +%T)] $name: start on GPU(s) $gpus"
   local started=$SECONDS
   CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$((29500 + 10 * ${gpus:0:1})) \
-    timeout -s USR1 -k 20 "$left" lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" \
+    timeout -s USR2 -k 20 "$left" lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" \
     --trainer.logger.init_args.name "$name" > "$ROOT/logs/$name.log" 2>&1
   local rc=$?
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"

@@ -141,6 +141,19 @@ def test_sigusr1_checkpoints_the_current_step_and_exits_cleanly(teacher_dir, tex
     assert resumed.trainer.global_step == 8
 
 
+def test_sigusr2_prints_every_stack_and_the_run_goes_on(teacher_dir, text_dir, tmp_path):
+    """A seemingly stuck run answers SIGUSR2 with all its threads' Python stacks and keeps training."""
+    root = tmp_path / "dump"
+    overlay = kd_overlay(teacher_dir, text_dir, root, max_steps=6, callbacks=[
+        {"class_path": "fault_injection.BatchRecorder",
+         "init_args": {"path": str(root / "records.txt"), "sleep": 0.3}}])
+    assert run_until(kd_args(overlay), root, signal.SIGUSR2, after_records=2) == 0
+    log = (root / "log.txt").read_text()
+    dump = log[log.index("most recent call first"):]  # faulthandler's header, then one frame per line
+    assert "lightning/pytorch/loops" in dump, "the dump must show where the training loop was"
+    assert len(read_records(root / "records.txt")) == 6, "the run must go on after the dump"
+
+
 def test_live_teacher_is_kept_out_of_checkpoints(teacher_dir):
     """A registered live teacher would put its weights in every checkpoint and break --ckpt_path."""
     from lit_xdistill.modules import KDModule, StudentOptions
