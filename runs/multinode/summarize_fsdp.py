@@ -34,10 +34,12 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def gpus_of(name: str) -> int:
+    """The GPU count a run's name ends with (``align8b_4`` -> 4)."""
     return int(re.search(r"(\d+)$", name).group(1))
 
 
 def throughput(runs: dict[str, dict]) -> list[dict]:
+    """One row per 8B-shaped run: median tokens/s (all GPUs and per GPU), peak memory, scaling efficiency."""
     rows = []
     for name, scalars in sorted(runs.items()):
         rate = scalars.get("train/tokens_per_s", {})
@@ -58,6 +60,7 @@ def throughput(runs: dict[str, dict]) -> list[dict]:
 
 
 def compare(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Step-by-step relative difference of two loss curves over their common steps (None if none)."""
     steps = sorted(set(a) & set(b))
     if not steps:
         return None
