@@ -22,7 +22,9 @@
 #   resume4, resume2 the parity run: 20 steps on 4 GPUs, then resumed on 2 GPUs to step 40    -> 4 -> 2 resume
 #   wintie2          small model, stage II on 2 GPUs with the WinTieCallback and the end-of-fit export
 #                    (needs the olmo eval data: offline_bundle.sh unpack)
-#   bench_*          runs/benchmarks/bench_inference.py on one card (issue 9), in lane 3 of `lanes`
+#   bench_*          runs/benchmarks/bench_inference.py on one card (issue 9), lane 3 of `lanes` with BENCH=1 only
+#                    (its numbers are then taken beside the FSDP jobs: better run it alone)
+# SKIP="resume4 resume2 ...": jobs to leave out (e.g. the checks a previous session already measured).
 # Each job logs to $ROOT/logs/NAME.log and marks $ROOT/done/NAME on success; a phase skips finished jobs, so
 # a phase cut by the time limit continues where it stopped when called again.
 # DRYRUN=1: the same commands at toy sizes on CPU (DDP over gloo): checks the plumbing, not speed.
@@ -87,6 +89,7 @@ CKPT_CB='[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {
 fit() {
   local name=$1 gpus=$2; shift 2
   [ -f "$ROOT/done/$name" ] && { echo "[$(date +%T)] $name: done before, skipped"; return 0; }
+  [[ " ${SKIP:-} " == *" $name "* ]] && { echo "[$(date +%T)] $name: in SKIP, skipped"; return 0; }
   local n left; n=$(awk -F, '{print NF}' <<<"$gpus")
   left=$(time_left "$name") || { echo "$left"; return 1; }
   echo "[$(date +%T)] $name: start on GPU(s) $gpus"
@@ -148,7 +151,7 @@ lanes() {  # three lanes side by side on disjoint GPUs
     fit parity1 2 $(small) --data.batch_size 8 --trainer.max_steps 50
     fit align8b_1 2 $(big align)
   ) > "$ROOT/logs/lane2.txt" 2>&1 &
-  (
+  [ "${BENCH:-0}" = 1 ] && (  # a speed claim beside other jobs on the host: off unless asked for
     bench bench_smollm2 3 --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32
     bench bench_llama8b_a 3 --shape llama8b --contexts 1024 4096 16384 --batches 1 8 32
     bench bench_llama8b_b 3 --shape llama8b --contexts 32768 65536 --batches 1 8 32
