@@ -155,7 +155,7 @@ def evaluate(
     try:
         teacher_json = teacher_results(spec, loaded_suite, limit, batch_size, device)
         (tmp / "teacher.json").write_text(json.dumps(teacher_json, indent=2))
-        model, tokenizer = _load_student(student, spec)
+        model, tokenizer = load_exported_student(student, spec)
         student_json = run_suite(model.to(device), tokenizer, loaded_suite, limit, batch_size)
         (tmp / "student.json").write_text(json.dumps(student_json, indent=2))
         result = compare_results(teacher_json, student_json, suite=suite)
@@ -174,9 +174,28 @@ def evaluate(
     return out
 
 
-def _load_student(student: str, teacher):
-    """The student model (registered Auto class) and its tokenizer, falling back to the teacher's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def student_tokenizer(folder: str | Path, teacher):
+    """The tokenizer saved with an exported student, else its teacher's.
+
+    Args:
+        folder: the student folder (``save_pretrained`` output).
+        teacher: its ``TeacherSpec`` (the fallback's source).
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(folder) if has_tokenizer else teacher.load_tokenizer()
+
+
+def load_exported_student(student: str | Path, teacher):
+    """An exported student (registered Auto class) and its tokenizer (:func:`student_tokenizer`).
+
+    Args:
+        student: the student folder (``save_pretrained`` output).
+        teacher: its ``TeacherSpec``.
+    """
+    from transformers import AutoModelForCausalLM
 
     import lit_xdistill  # noqa: F401  (registers XDistillForCausalLM with the Auto classes)
 
@@ -185,7 +204,4 @@ def _load_student(student: str, teacher):
         raise FileNotFoundError(
             f"No student checkpoint at {folder}: pass a folder written by save_pretrained."
         )
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else teacher.load_tokenizer()
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(folder), student_tokenizer(folder, teacher)

@@ -2,7 +2,13 @@
 
 from .cache import HybridCache
 from .configuration_xdistill import MIXER_KINDS, XDistillConfig
-from .modeling_xdistill import XDistillForCausalLM, XDistillOutput, document_positions, student_from_teacher
+from .modeling_xdistill import (
+    XDistillForCausalLM,
+    XDistillOutput,
+    document_positions,
+    student_from_teacher,
+    uninitialised_student,
+)
 
 __all__ = [
     "MIXER_KINDS",
@@ -12,4 +18,5 @@ __all__ = [
     "XDistillOutput",
     "document_positions",
     "student_from_teacher",
+    "uninitialised_student",
 ]

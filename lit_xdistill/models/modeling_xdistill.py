@@ -238,6 +238,28 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
                               align_losses=ctx.align_losses if align else None)
 
 
+def uninitialised_student(config: XDistillConfig, device: torch.device | str,
+                          dtype: torch.dtype = torch.float32) -> XDistillForCausalLM:
+    """The student ``config`` describes, with storage on ``device`` that nothing has written.
+
+    Built on the meta device (no random initialisation), parameters cast to ``dtype`` there (buffers keep the
+    fp32 they are built with), then given storage and re-tied: materialising a meta module unties shared
+    weights (SmolLM2's lm_head would become a parameter of its own).
+
+    Args:
+        config: the student's config.
+        device: where the (uninitialised) storage goes.
+        dtype: dtype of the parameters.
+    """
+    with torch.device("meta"):
+        student = XDistillForCausalLM(config).float()
+    for param in student.parameters():
+        param.data = param.data.to(dtype)  # on meta: nothing is allocated; tied parameters stay one object
+    student.to_empty(device=device)
+    student.tie_weights()
+    return student
+
+
 def student_from_teacher(teacher: PreTrainedModel, teacher_identity: str | None = None,
                          **mixer_options) -> XDistillForCausalLM:
     """Convert a teacher CausalLM into a hybrid student with the teacher's weights copied bit for bit.
@@ -250,13 +272,9 @@ def student_from_teacher(teacher: PreTrainedModel, teacher_identity: str | None 
     adapter_for(teacher.config)  # fail fast with the list of supported families
     config = XDistillConfig(teacher_config=teacher.config.to_dict(), teacher_identity=teacher_identity,
                             **mixer_options)
-    # Built on the meta device, then given uninitialised storage: every backbone tensor is overwritten by the
-    # teacher's below, and random-initialising them first cost minutes of CPU per rank for an 8B teacher
-    # (issue 7). to_empty unties shared weights (SmolLM2's lm_head): re-tie before copying.
-    with torch.device("meta"):
-        student = XDistillForCausalLM(config).to(dtype=teacher.dtype)
-    student.to_empty(device=teacher.device)
-    student.tie_weights()
+    # uninitialised: every backbone tensor is overwritten by the teacher's below, and random-initialising them
+    # first cost minutes of CPU per rank for an 8B teacher (issue 7)
+    student = uninitialised_student(config, teacher.device, teacher.dtype)
     # Non-persistent buffers (RoPE's inv_freq) are not in the state dict: copy them with their dtype,
     # which from_pretrained(dtype=bf16) leaves at fp32 and a plain .to(bf16) would round.
     teacher_buffers = dict(teacher.named_buffers())

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ..models import XDistillConfig, XDistillForCausalLM, student_from_teacher
+from ..models import XDistillConfig, XDistillForCausalLM, student_from_teacher, uninitialised_student
 from ..teachers import TeacherSpec
 
 __all__ = ["StudentOptions", "StudentModule", "StageHandoffError", "load_student"]
@@ -131,13 +131,7 @@ def empty_student(source: str | None, teacher: TeacherSpec, options: StudentOpti
     else:  # a fresh conversion, or a Lightning .ckpt of one (same options, same config)
         config = XDistillConfig(teacher_config=teacher.load_config().to_dict(), teacher_identity=teacher.identity,
                                 **options.mixer_options())
-    with torch.device("meta"):
-        student = XDistillForCausalLM(config).float()
-    student.to_empty(device="cpu")
-    student.tie_weights()
-    for param in student.parameters():
-        param.data = param.data.to(dtype)  # in place: tied parameters stay one object
-    return student
+    return uninitialised_student(config, "cpu", dtype)
 
 
 def _check_architecture(student: XDistillForCausalLM, options: StudentOptions, source: str) -> None:

@@ -402,14 +402,10 @@ def _suite_wintie(
     results_file: Path,
 ) -> dict:
     """Evaluate one model on the suite (lm-eval), save its results file and compare it with the teacher."""
-    from transformers import AutoTokenizer
-
-    from ..eval.commands import compare_results
+    from ..eval.commands import compare_results, student_tokenizer
     from ..eval.harness import run_suite
 
-    folder = Path(path)
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else spec.load_tokenizer()
+    tokenizer = student_tokenizer(path, spec)
     student_json = run_suite(model, tokenizer, suite, limit, batch_size, cache_dir)
     results_file.write_text(json.dumps(student_json, indent=2))
     return _wintie_summary(compare_results(teacher_json, student_json, suite=suite), suite.name, limit)

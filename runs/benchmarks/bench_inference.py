@@ -172,9 +172,9 @@ def _guarded(fn, runner, device: torch.device) -> dict:
             torch.cuda.empty_cache()
 
 
-def _run_model(name: str, runner, args, device: torch.device, vocab: int, record) -> None:
-    """Measure one model at every context and batch; ``record(row)`` keeps each row as soon as it exists
-    and returns False for a row that an earlier, resumed piece already measured (it is then skipped)."""
+def _run_model(name: str, runner, args, device: torch.device, vocab: int, done: set, record) -> None:
+    """Measure one model at every context and batch, skipping the (kind, model, context, batch) keys in
+    ``done`` (measured by an earlier piece); ``record(row)`` keeps each row as soon as it exists."""
     gen = torch.Generator().manual_seed(0)
     for ctx in args.contexts:
         prompt = torch.randint(0, vocab, (args.prefill_batch, ctx), generator=gen).to(device)
@@ -184,12 +184,12 @@ def _run_model(name: str, runner, args, device: torch.device, vocab: int, record
             return {"tokens_per_s": p.numel() / seconds, "ttft_ms": seconds * 1e3}
 
         key = {"kind": "prefill", "model": name, "context": ctx, "batch": args.prefill_batch}
-        if record(key):
+        if tuple(key.values()) not in done:
             record({**key, **_guarded(prefill, runner, device)})
         for batch in args.batches:
             prompt = torch.randint(0, vocab, (batch, ctx), generator=gen).to(device)
             key = {"kind": "decode", "model": name, "context": ctx, "batch": batch}
-            if record(key):
+            if tuple(key.values()) not in done:
                 record({**key, **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
 
 
@@ -346,12 +346,10 @@ def main() -> None:
             "student_graph": args.student_graph and device.type == "cuda",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     rows = _resumed_rows(args.out) if args.resume else []
+    done = {(r["kind"], r["model"], r["context"], r["batch"]) for r in rows}
 
-    def record(row: dict) -> bool:
-        """A key (no "status"): False when already measured. A result: kept, printed, saved at once."""
-        key = (row["kind"], row["model"], row["context"], row["batch"])
-        if "status" not in row:
-            return key not in {(r["kind"], r["model"], r["context"], r["batch"]) for r in rows}
+    def record(row: dict) -> None:
+        """Keep, print and save one measured row at once."""
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out is not None:  # a piece cut by a time limit keeps what it measured
@@ -359,13 +357,12 @@ def main() -> None:
             partial = args.out / "results.json.tmp"
             partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             partial.replace(args.out / "results.json")
-        return True
 
     with torch.no_grad():
         teacher = _teacher(args, device, dtype)
         vocab = teacher.config.vocab_size
         if "teacher" in args.models:
-            _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab, record)
+            _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab, done, record)
         with torch.device(device):
             student = student_from_teacher(teacher, window=args.window, n_sinks=args.n_sinks).eval()
         del teacher
@@ -375,7 +372,7 @@ def main() -> None:
             meta["check"] = _check_fast_path(student, device)
             print(meta["check"], flush=True)
         if "student" in args.models:
-            _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab, record)
+            _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab, done, record)
     _write(meta, rows, args.out)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lit_xdistill.eval.commands import _load_student
+from lit_xdistill.eval.commands import load_exported_student
 from lit_xdistill.eval.harness import run_suite
 from lit_xdistill.eval.report import task_score
 from lit_xdistill.eval.tasks import EvalSuite, load_suite
@@ -54,7 +54,7 @@ def main() -> None:
     spec = TeacherSpec(args.model, dtype=dtype)
     started = time.perf_counter()
     if args.student:
-        model, tokenizer = _load_student(args.student, spec)
+        model, tokenizer = load_exported_student(args.student, spec)
         model = model.to(device=args.device, dtype=getattr(torch, dtype))
     else:
         model, tokenizer = spec.load_model(args.device), spec.load_tokenizer()

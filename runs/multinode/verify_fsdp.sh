@@ -84,35 +84,37 @@ small() {
 # Checkpoints every 10 steps into one fixed folder (a logger version folder changes between runs).
 CKPT_CB='[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: '"$ROOT"'/ckpt/resume, filename: "{step}", save_top_k: -1, every_n_train_steps: 10}}]'
 
-# fit NAME GPUS ARGS...: one `lit-xdistill fit` on the listed GPUs (comma-separated), skipped when done.
-# The strategy options go after ARGS: configs/fsdp.yaml must follow the stage config it overrides.
-fit() {
-  local name=$1 gpus=$2; shift 2
+# job NAME CMD...: run CMD (output to logs/NAME.log) unless NAME is done, in SKIP or out of time; at the deadline
+# SIGUSR2 (lit-xdistill prints every thread's stack; the benchmark just ends), SIGKILL 20 s later. Marks
+# done/NAME on success, shows the log's tail on failure.
+job() {
+  local name=$1; shift
   [ -f "$ROOT/done/$name" ] && { echo "[$(date +%T)] $name: done before, skipped"; return 0; }
   [[ " ${SKIP:-} " == *" $name "* ]] && { echo "[$(date +%T)] $name: in SKIP, skipped"; return 0; }
-  local n left; n=$(awk -F, '{print NF}' <<<"$gpus")
-  left=$(time_left "$name") || { echo "$left"; return 1; }
-  echo "[$(date +%T)] $name: start on GPU(s) $gpus"
+  local left; left=$(time_left "$name") || { echo "$left"; return 1; }
+  echo "[$(date +%T)] $name: start on GPU(s) ${CUDA_VISIBLE_DEVICES:-all}"
   local started=$SECONDS
-  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$((29500 + 10 * ${gpus:0:1})) \
-    timeout -s USR2 -k 20 "$left" lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" \
-    --trainer.logger.init_args.name "$name" > "$ROOT/logs/$name.log" 2>&1
+  timeout -s USR2 -k 20 "$left" "$@" > "$ROOT/logs/$name.log" 2>&1
   local rc=$?
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"
   [ $rc = 0 ] && touch "$ROOT/done/$name" || grep -v '^\s*$' "$ROOT/logs/$name.log" | tail -n 40
   return $rc
 }
 
-# bench NAME GPU ARGS...: the inference benchmark on one card, skipped when done (or in a dry run).
+# fit NAME GPUS ARGS...: one `lit-xdistill fit` on the listed GPUs (comma-separated).
+# The strategy options go after ARGS: configs/fsdp.yaml must follow the stage config it overrides.
+fit() {
+  local name=$1 gpus=$2; shift 2
+  local n; n=$(awk -F, '{print NF}' <<<"$gpus")
+  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$((29500 + 10 * ${gpus:0:1})) job "$name" \
+    lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" --trainer.logger.init_args.name "$name"
+}
+
+# bench NAME GPU ARGS...: the inference benchmark on one card (not in a dry run).
 bench() {
   local name=$1 gpu=$2; shift 2
   [ "$DRYRUN" = 1 ] && return 0
-  [ -f "$ROOT/done/$name" ] && return 0
-  local left; left=$(time_left "$name") || { echo "$left"; return 1; }
-  echo "[$(date +%T)] $name: start on GPU $gpu"
-  CUDA_VISIBLE_DEVICES=$gpu timeout -k 10 "$left" $PY runs/benchmarks/bench_inference.py "$@" \
-    --out "$ROOT/$name" > "$ROOT/logs/$name.log" 2>&1 && touch "$ROOT/done/$name"
-  echo "[$(date +%T)] $name: rc=$?"
+  CUDA_VISIBLE_DEVICES=$gpu job "$name" $PY runs/benchmarks/bench_inference.py "$@" --out "$ROOT/$name"
 }
 
 setup() {
