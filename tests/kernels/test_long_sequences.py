@@ -22,8 +22,8 @@ def _inputs(device, dtype, dh=8, nh=1):
     return q, k, v, igate, fgate, segment_ids.cumsum(-1).to(device)
 
 
-def _check_finite(backend, device, dtype):
-    q, k, v, igate, fgate, seg = _inputs(device, dtype)
+def _check_finite(backend, device, dtype, dh):
+    q, k, v, igate, fgate, seg = _inputs(device, dtype, dh)
     h, (c, n, m) = xk.mlstm(q, k, v, igate, fgate, segment_ids=seg, return_final_state=True, backend=backend)
     (h.float().sum() + c.sum()).backward()
     for name, t in {"h": h, "C": c, "n": n, "m": m, "dq": q.grad, "dk": k.grad, "dv": v.grad, "di": igate.grad,
@@ -32,9 +32,9 @@ def _check_finite(backend, device, dtype):
 
 
 def test_64k_reference_is_finite():
-    _check_finite("chunkwise", "cpu", torch.float32)
+    _check_finite("chunkwise", "cpu", torch.float32, dh=8)  # small head dim: the CPU reference is slow
 
 
 @pytest.mark.gpu
 def test_64k_triton_is_finite():
-    _check_finite("triton", "cuda", torch.bfloat16)
+    _check_finite("triton", "cuda", torch.bfloat16, dh=64)  # the Triton kernels take powers of two >= 16
