@@ -29,12 +29,12 @@ __all__ = ["KDLoss", "topk_logprobs", "kd_loss"]
 
 @dataclass
 class KDLoss:
-    """Loss terms of one batch (means over supervised tokens)."""
+    """Loss terms of one batch (means over supervised tokens; all zero when there are none)."""
 
     loss: Tensor
     ce: Tensor
     kl: Tensor
-    tokens: int
+    tokens: Tensor  # supervised positions, 0-dim int64 on the logits' device (``int()`` it to read it)
 
 
 def topk_logprobs(logits: Tensor, k: int, chunk_rows: int = 4096) -> tuple[Tensor, Tensor]:
@@ -74,23 +74,23 @@ def kd_loss(
     kl_weight: float = 0.1,
     chunk_rows: int = 2048,
 ) -> KDLoss:
-    """Mean over supervised positions of ``ce_weight * CE + kl_weight * KL_topk`` (see module docstring)."""
+    """Mean over supervised positions of ``ce_weight * CE + kl_weight * KL_topk`` (see module docstring).
+
+    Unsupervised positions (label -100) are weighted by zero rather than selected out: selecting needs their
+    count on the host, a device-to-host sync in every training step, and copies all logits."""
     V = logits.shape[-1]
     flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+    t_ids = topk_ids.reshape(-1, topk_ids.shape[-1]) if topk_ids is not None else None
+    t_lp = topk_lp.reshape(-1, topk_lp.shape[-1]) if topk_lp is not None else None
     keep = flat_labels >= 0
-    n = int(keep.sum())
-    if n == 0:
-        zero = logits.sum() * 0
-        return KDLoss(zero, zero.detach(), zero.detach(), 0)
-    flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
-    t_ids = topk_ids.reshape(-1, topk_ids.shape[-1])[keep] if topk_ids is not None else None
-    t_lp = topk_lp.reshape(-1, topk_lp.shape[-1])[keep] if topk_lp is not None else None
     ce_sum = kl_sum = 0.0
-    for start in range(0, n, chunk_rows):
+    for start in range(0, flat_labels.numel(), chunk_rows):
         sl = slice(start, start + chunk_rows)
         ce, kl = _chunk_terms(flat_logits[sl], flat_labels[sl], None if t_ids is None else t_ids[sl],
                               None if t_lp is None else t_lp[sl])
-        ce_sum = ce_sum + ce.sum()
-        kl_sum = kl_sum + kl.sum()
-    ce_mean, kl_mean = ce_sum / n, kl_sum / n
+        # where(), not a product: a zero weight would still let a non-finite ignored row through as NaN
+        ce_sum = ce_sum + torch.where(keep[sl], ce, 0.0).sum()
+        kl_sum = kl_sum + torch.where(keep[sl], kl, 0.0).sum()
+    n = keep.sum()
+    ce_mean, kl_mean = ce_sum / n.clamp_min(1), kl_sum / n.clamp_min(1)
     return KDLoss(ce_weight * ce_mean + kl_weight * kl_mean, ce_mean.detach(), kl_mean.detach(), n)

@@ -253,11 +253,8 @@ def _evaluate(
     for batch, (ids, lps) in zip(batches, teacher_topk):
         inputs = {k: batch[k].to(device) for k in ("input_ids", "segment_ids", "position_ids")}
         out = kd_loss(model(**inputs).logits, batch["labels"].to(device), ids, lps, ce_weight, kl_weight)
-        loss, ce, tokens = (
-            loss + out.loss.item() * out.tokens,
-            ce + out.ce.item() * out.tokens,
-            tokens + out.tokens,
-        )
+        n = int(out.tokens)
+        loss, ce, tokens = loss + out.loss.item() * n, ce + out.ce.item() * n, tokens + n
     return loss / tokens, math.exp(ce / tokens)
 
 
@@ -360,7 +357,7 @@ def merge_report(
             with torch.no_grad():
                 logits = live(**{k: b[k].to(dev) for k in ("input_ids", "segment_ids", "position_ids")}).logits
                 own = kd_loss(logits, b["labels"].to(dev), None, None, 1.0, 0.0)
-            ce, tokens = ce + own.ce.item() * own.tokens, tokens + own.tokens
+            ce, tokens = ce + own.ce.item() * int(own.tokens), tokens + int(own.tokens)
             ids, lps = topk_logprobs(logits.flatten(0, 1), top_k)
             topk.append((ids.view(*logits.shape[:2], -1), lps.view(*logits.shape[:2], -1)))
         data[domain], teacher_ppl[domain] = (batches, topk), math.exp(ce / tokens)

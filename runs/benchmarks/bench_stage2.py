@@ -96,6 +96,53 @@ def _profile(step, dev: torch.device, title: str, n_steps: int = 2) -> str:
     lines += ["", "| kernel | calls per step | ms per step |", "|---|---:|---:|"]
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
         lines.append(f"| `{e.key[:90]}` | {e.count / n_steps:.0f} | {e.device_time_total / 1e3 / n_steps:.2f} |")
+    # The host's side: CUDA driver/runtime calls (launches; synchronising calls block the host until the GPU
+    # drains) and the torch ops with the most host time of their own.
+    host = [e for e in prof.key_averages() if not (str(getattr(e, "device_type", "")).endswith("CUDA"))]
+    runtime = [e for e in host if e.key.startswith(("cuda", "cu"))]
+    lines += ["", "| CUDA runtime / driver call (host) | calls per step | host ms per step |", "|---|---:|---:|"]
+    for e in sorted(runtime, key=lambda e: -e.self_cpu_time_total)[:8]:
+        lines.append(f"| `{e.key}` | {e.count / n_steps:.0f} | {e.self_cpu_time_total / 1e3 / n_steps:.2f} |")
+    ops = [e for e in host if e not in runtime]
+    n_ops = sum(e.count for e in ops if e.key.startswith("aten::")) / n_steps
+    lines += ["", f"{n_ops:,.0f} aten ops per step (host side, every dispatch counted).", "",
+              "| op (host time of its own) | calls per step | host ms per step |", "|---|---:|---:|"]
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:15]:
+        lines.append(f"| `{e.key[:90]}` | {e.count / n_steps:.0f} | {e.self_cpu_time_total / 1e3 / n_steps:.2f} |")
+    if dev.type == "cuda":
+        lines += ["", _sync_sites(step)]
+    return "\n".join(lines)
+
+
+def _sync_sites(step) -> str:
+    """Where one step makes the host wait for the GPU: torch's sync debug mode warns at every synchronising
+    op; each warning is attributed to the innermost frame of this repo (else of transformers/lightning)."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = traceback.extract_stack()[:-1]
+        ours = [f for f in frames if "/lit_xdistill/" in f.filename or "/kernels/" in f.filename
+                or "xdistill_kernels" in f.filename]
+        other = [f for f in frames if "/transformers/" in f.filename or "/torch/" in f.filename]
+        f = (ours or other or frames)[-1]
+        where = f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+        sites[where] = sites.get(where, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    lines = [f"Host-device synchronisations in one step: {sum(sites.values())}", "",
+             "| where (innermost frame of ours, else transformers/torch) | syncs per step |", "|---|---:|"]
+    lines += [f"| `{w}` | {n} |" for w, n in sorted(sites.items(), key=lambda x: -x[1])]
     return "\n".join(lines)
 
 
