@@ -27,6 +27,12 @@ _BLOCK_MASKS: OrderedDict = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 16
 _COMPILED_FLEX = None
 DENSE_INFERENCE_MAX_LEN = 4096  # "auto" uses the dense mask under no_grad up to this length (docstring)
+# From this length on CUDA the block mask is built by a compiled create_block_mask. Eager, it evaluates the
+# mask_mod on the whole B x S x S grid: 17 G elements at S = 131072, where the student's prefill ran out of an
+# H100's memory (docs/benchmarks.md); compiled, it reduces block by block (measured on CPU at S = 16384: peak
+# RSS 2.9 -> 0.5 GB, 2.1 -> 0.24 s per build after a 10 s compilation). Shorter (training) lengths keep the
+# eager build their timings were measured with.
+COMPILED_MASK_MIN_LEN = 16384
 
 
 def _doc_and_start(segment_ids: Tensor | None, B: int, S: int, device) -> tuple[Tensor, Tensor]:
@@ -89,11 +95,17 @@ def _block_mask(B, S, window, n_sinks, segment_ids, device):
             visible = visible & (((q_idx - kv_idx) < window) | ((kv_idx - start[bb, kv_idx]) < n_sinks))
         return visible
 
-    mask = create_block_mask(mask_mod, B if segment_ids is not None else None, None, S, S, device=device)
+    mask = create_block_mask(mask_mod, B if segment_ids is not None else None, None, S, S, device=device,
+                             _compile=_compile_mask_build(device, S))
     _BLOCK_MASKS[key] = (weakref.ref(segment_ids) if segment_ids is not None else None, mask)
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
     return mask
+
+
+def _compile_mask_build(device, S: int) -> bool:
+    """Whether create_block_mask runs compiled (see COMPILED_MASK_MIN_LEN)."""
+    return torch.device(device).type == "cuda" and S >= COMPILED_MASK_MIN_LEN
 
 
 def _attention_flex(q, k, v, window, n_sinks, segment_ids, scale):

@@ -18,6 +18,7 @@ CUDA graph. ``DecodeGraph`` does that for the whole model step; on other devices
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,16 +142,19 @@ class _DecodingModel(Protocol):
     def decode_step(self, input_ids: Tensor, cache: StaticHybridCache) -> Tensor: ...
 
 
-class DecodeGraph:
-    """The model's one-token decode step captured once as a CUDA graph and replayed.
+DecodeStep = Callable[[Tensor, "StaticHybridCache"], Tensor]
 
-    The first call runs the step eagerly on a side stream (a real step: it compiles the Triton kernel and
+
+class DecodeGraph:
+    """A one-token decode step (``model.decode_step`` or its compiled form) captured once as a CUDA graph.
+
+    The first call runs the step eagerly on a side stream (a real step: it compiles the Triton kernels and
     initialises cuBLAS there) and then captures it on that stream; the capture records the kernels without
     running them. Later calls copy the tokens into the static input, replay, and return a copy of the logits.
     """
 
-    def __init__(self, model: _DecodingModel, cache: StaticHybridCache):
-        self.model, self.cache = model, cache
+    def __init__(self, step: DecodeStep, cache: StaticHybridCache):
+        self.step, self.cache = step, cache
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_ids: Tensor | None = None
         self.static_logits: Tensor | None = None
@@ -168,11 +172,11 @@ class DecodeGraph:
         side = torch.cuda.Stream(input_ids.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            logits = self.model.decode_step(input_ids, self.cache)
+            logits = self.step(input_ids, self.cache)
             self.static_ids = input_ids.clone(memory_format=torch.contiguous_format)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            self.static_logits = self.model.decode_step(self.static_ids, self.cache)
+            self.static_logits = self.step(self.static_ids, self.cache)
         main.wait_stream(side)
         self.graph = graph
         return logits.clone()
@@ -191,11 +195,18 @@ class StaticHybridCache(HybridCache):
         max_cache_len: most tokens a document may reach in a layer that keeps full attention (mixer
             ``attention`` without a teacher window); not needed otherwise. Not checked while decoding.
         cuda_graph: replay the one-token decode step as a CUDA graph when running on CUDA.
+        compile_step: run the decode step through ``torch.compile`` (inductor, whole graph, static shapes)
+            before it is captured. A graph replay costs a few microseconds per kernel, and the eager step of a
+            30-layer SmolLM2 student is ~4,000 small kernels, so its replay takes ~6 ms whatever the batch or
+            context (docs/benchmarks.md); inductor fuses the pointwise chains into far fewer kernels. The first
+            step pays the compilation.
     """
 
     max_cache_len: int | None = None
     cuda_graph: bool = True
+    compile_step: bool = False
     graph: DecodeGraph | None = field(default=None, init=False, repr=False)
+    _compiled: DecodeStep | None = field(default=None, init=False, repr=False)
 
     def layer(self, idx: int) -> StaticLayerCache:
         """The state of layer ``idx`` (created empty on first use, its buffers at prefill)."""
@@ -225,12 +236,18 @@ class StaticHybridCache(HybridCache):
             t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
     def decode(self, model: _DecodingModel, input_ids: Tensor) -> Tensor:
-        """One token per row (B, 1) through ``model.decode_step``, replayed as a CUDA graph on CUDA -> logits."""
+        """One token per row (B, 1) through ``model.decode_step`` (compiled if asked), replayed as a CUDA graph on CUDA
+        -> logits."""
+        step = model.decode_step
+        if self.compile_step:
+            if self._compiled is None:
+                self._compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+            step = self._compiled
         if self.cuda_graph and input_ids.is_cuda:
             if self.graph is None:
-                self.graph = DecodeGraph(model, self)
+                self.graph = DecodeGraph(step, self)
             logits = self.graph(input_ids)
         else:
-            logits = model.decode_step(input_ids, self)
+            logits = step(input_ids, self)
         self.seen_tokens += 1
         return logits

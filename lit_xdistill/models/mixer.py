@@ -48,6 +48,8 @@ class MixerContext:
 
     segment_ids: Tensor | None = None  # (B, S) document ids; None: one document per row
     cache: HybridCache | None = None  # decoding state, None when training
+    continuing: bool = False  # the cache already holds tokens (decoding, chunked prefill): a plain flag rather
+    # than cache.is_empty, whose token count changes every step and would make a compiled step recompile
     align: bool = False  # stage I: return the teacher output, record the student's MSE against it
     align_losses: dict[int, Tensor] = field(default_factory=dict)  # layer -> MSE (filled when align)
 
@@ -193,7 +195,7 @@ class HybridMixer(nn.Module):
         needs_teacher = self.kind == "attention" or ctx.align
         teacher = None
         if needs_teacher:
-            teacher = self._attend(q, k, v, teacher_window, 0, scaling, segment_ids, cache, state,
+            teacher = self._attend(q, k, v, teacher_window, 0, scaling, segment_ids, ctx, state,
                                    update=self.kind == "attention")
         if self.kind == "attention":
             return teacher
@@ -201,7 +203,7 @@ class HybridMixer(nn.Module):
         n_rep = q.shape[1] // k.shape[1]
         swa = None
         if self.kind in ("hybrid", "swa"):
-            swa = self._attend(q, k, v, self.window, self.n_sinks, scaling, segment_ids, cache, state, update=True)
+            swa = self._attend(q, k, v, self.window, self.n_sinks, scaling, segment_ids, ctx, state, update=True)
         if self.kind == "swa":
             out = swa
         else:
@@ -232,10 +234,12 @@ class HybridMixer(nn.Module):
         return out
 
     # -- softmax attention, training and cached ----------------------------------------------------
-    def _attend(self, q, k, v, window, n_sinks, scaling, segment_ids, cache, state, update: bool) -> Tensor:
+    def _attend(self, q, k, v, window, n_sinks, scaling, segment_ids, ctx: MixerContext, state,
+                update: bool) -> Tensor:
         import xdistill_kernels as xk
 
-        if cache is None or cache.is_empty:
+        cache = ctx.cache
+        if not ctx.continuing:
             out = xk.attention(q, k, v, window=window, n_sinks=n_sinks, segment_ids=segment_ids, scale=scaling,
                                backend=self.attention_backend)
             if cache is not None and update:

@@ -162,7 +162,7 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
     def decode_step(self, input_ids: Tensor, cache: StaticHybridCache) -> Tensor:
         """One token per row (B, 1) continuing a static cache -> logits (B, 1, V); advances ``cache.doc_len`` in
         place. Fixed shapes, in-place updates and no host synchronisation: the step ``DecodeGraph`` captures."""
-        ctx = MixerContext(cache=cache)
+        ctx = MixerContext(cache=cache, continuing=True)
         logits = self.backbone(input_ids=input_ids, position_ids=cache.doc_len[:, None], use_cache=False,
                                xdistill_ctx=ctx).logits
         cache.doc_len.add_(1)
@@ -220,7 +220,7 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             if position_ids is None:
                 position_ids = (document_positions(segment_ids) if segment_ids is not None
                                 else torch.arange(S, device=ref.device).expand(B, S))
-        ctx = MixerContext(segment_ids=segment_ids, cache=cache, align=align)
+        ctx = MixerContext(segment_ids=segment_ids, cache=cache, continuing=continuing, align=align)
         out = self.backbone(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

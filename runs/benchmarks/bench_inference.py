@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from profiling import profile_step  # runs/benchmarks/profiling.py (this script's folder is on sys.path)
 
 from lit_xdistill.models import student_from_teacher
 from lit_xdistill.models.decoding import StaticHybridCache
@@ -114,14 +115,16 @@ class TeacherRunner:
 
 
 class StudentRunner:
-    """Decoding of the student through its fast path (StaticHybridCache, CUDA-graph decode step)."""
+    """Decoding of the student through its fast path (StaticHybridCache, CUDA-graph decode step, optionally
+    compiled by inductor before the capture)."""
 
-    def __init__(self, model, cuda_graph: bool):
-        self.model, self.cuda_graph = model, cuda_graph
+    def __init__(self, model, cuda_graph: bool, compile_step: bool = False):
+        self.model, self.cuda_graph, self.compile_step = model, cuda_graph, compile_step
         self.cache = None
 
     def prefill(self, prompt: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
-        self.cache = StaticHybridCache(batch_size=prompt.shape[0], max_cache_len=capacity, cuda_graph=self.cuda_graph)
+        self.cache = StaticHybridCache(batch_size=prompt.shape[0], max_cache_len=capacity, cuda_graph=self.cuda_graph,
+                                       compile_step=self.compile_step)
         for start in range(0, prompt.shape[1], chunk):
             logits = self.model(prompt[:, start : start + chunk], cache=self.cache, use_cache=True,
                                 logits_to_keep=1).logits
@@ -136,6 +139,8 @@ class StudentRunner:
 
     def release(self) -> None:
         self.cache = None
+        if self.compile_step:
+            torch._dynamo.reset()  # one compiled step per cache shape; keep dynamo under its recompile limit
 
 
 def _measure_decode(runner, prompt: torch.Tensor, args, device: torch.device) -> dict:
@@ -193,6 +198,24 @@ def _run_model(name: str, runner, args, device: torch.device, vocab: int, done: 
                 record({**key, **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
 
 
+def _profile_model(name: str, runner, args, device: torch.device, vocab: int) -> str:
+    """Profiles of one prefill of ``--profile`` tokens (batch 1) and of one decode step at batch 8 after it."""
+    ctx = args.profile
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
+    parts = [profile_step(lambda: runner.prefill_only(prompt), device, f"{name}: prefill of {ctx} tokens")]
+    prompt = torch.randint(0, vocab, (8, ctx), generator=gen).to(device)
+    state = {"token": runner.prefill(prompt, ctx + 16, max(256, min(ctx, args.prefill_tokens // 8)))}
+    state["token"] = runner.step(state["token"])  # compile / capture outside the profile
+
+    def step():
+        state["token"] = runner.step(state["token"])
+
+    parts.append(profile_step(step, device, f"{name}: one decode step, batch 8, context {ctx}"))
+    runner.release()
+    return "\n\n".join(parts)
+
+
 def _teacher(args, device: torch.device, dtype: torch.dtype):
     if args.shape == "smollm2":
         return TeacherSpec("smollm2-135m-instruct", dtype=str(dtype).removeprefix("torch.")).load_model(device).eval()
@@ -231,27 +254,30 @@ def _report(meta: dict, rows: list[dict]) -> str:
         return f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x" if ok else "-"
 
     index = {(r["kind"], r["model"], r["context"], r["batch"]): r for r in rows}
+    students = [m for m in ("student", "student_compiled") if any(r["model"] == m for r in rows)]
     lines = [f"Inference, {meta['device']}, shape {meta['shape']}, student window {meta['window']} + "
              f"{meta['n_sinks']} sinks; torch {meta['torch']}, transformers {meta['transformers']}; "
              f"teacher decode compiled: {meta['teacher_compile']}, student CUDA graph: {meta['student_graph']}; "
-             f"medians of {meta['repeats']}; {meta['date']}", "",
-             "Prefill (one forward of the prompt; time to first token):", "",
-             "| context | batch | teacher tok/s | student tok/s | student/teacher | teacher TTFT ms "
-             "| student TTFT ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = sorted({(r["context"], r["batch"]) for r in rows if r["kind"] == "prefill"})
-    for ctx, b in keys:
-        t, s = index.get(("prefill", "teacher", ctx, b)), index.get(("prefill", "student", ctx, b))
-        lines.append(f"| {ctx} | {b} | {cell(t, 'tokens_per_s', ',.0f')} | {cell(s, 'tokens_per_s', ',.0f')} "
-                     f"| {ratio(t, s)} | {cell(t, 'ttft_ms', '.1f')} | {cell(s, 'ttft_ms', '.1f')} |")
-    lines += ["", f"Decode ({meta['new_tokens']} greedy tokens per run; peak memory of the decode phase):", "",
-              "| context | batch | teacher tok/s | student tok/s | student/teacher | teacher peak GiB "
-              "| student peak GiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = sorted({(r["context"], r["batch"]) for r in rows if r["kind"] == "decode"})
-    for ctx, b in keys:
-        t, s = index.get(("decode", "teacher", ctx, b)), index.get(("decode", "student", ctx, b))
-        lines.append(f"| {ctx} | {b} | {cell(t, 'tokens_per_s', ',.0f')} | {cell(s, 'tokens_per_s', ',.0f')} "
-                     f"| {ratio(t, s)} | {cell(t, 'peak_gib', '.2f')} | {cell(s, 'peak_gib', '.2f')} |")
+             f"medians of {meta['repeats']}; {meta['date']}"]
+
+    def table(kind: str, title: str, extra: str, extra_fmt: str) -> list[str]:
+        """One row per (context, batch): every model's tokens/s and ``extra`` column, each student's ratio."""
+        head = ["context", "batch", "teacher tok/s", *[f"{m} tok/s" for m in students],
+                *[f"{m}/teacher" for m in students], f"teacher {extra}", *[f"{m} {extra}" for m in students]]
+        out = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for ctx, b in sorted({(r["context"], r["batch"]) for r in rows if r["kind"] == kind}):
+            t = index.get((kind, "teacher", ctx, b))
+            ss = [index.get((kind, m, ctx, b)) for m in students]
+            cells = [str(ctx), str(b), cell(t, "tokens_per_s", ",.0f"), *[cell(x, "tokens_per_s", ",.0f") for x in ss],
+                     *[ratio(t, x) for x in ss], cell(t, extra_key[kind], extra_fmt),
+                     *[cell(x, extra_key[kind], extra_fmt) for x in ss]]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+
+    extra_key = {"prefill": "ttft_ms", "decode": "peak_gib"}
+    lines += table("prefill", "Prefill (one forward of the prompt; time to first token):", "TTFT ms", ".1f")
+    lines += table("decode", f"Decode ({meta['new_tokens']} greedy tokens per run; peak memory of the decode "
+                   "phase):", "peak GiB", ".2f")
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +291,7 @@ def _plot(meta: dict, rows: list[dict], path: Path) -> None:
     panels = [("prefill", "tokens_per_s", "prefill tokens/s"), ("decode", "tokens_per_s", "decode tokens/s"),
               ("decode", "peak_gib", "decode peak memory (GiB)")]
     for ax, (kind, key, title) in zip(axes, panels):
-        for model, style in (("teacher", "--"), ("student", "-")):
+        for model, style in (("teacher", "--"), ("student", "-"), ("student_compiled", ":")):
             for i, b in enumerate(sorted({r["batch"] for r in rows if r["kind"] == kind})):
                 pts = sorted((r["context"], r[key]) for r in rows
                              if (r["kind"], r["model"], r["batch"], r["status"]) == (kind, model, b, "ok"))
@@ -314,7 +340,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256, help="student window (paper's inference benchmark: 256)")
     parser.add_argument("--n-sinks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", choices=["teacher", "student"], default=["teacher", "student"])
+    parser.add_argument("--models", nargs="+", choices=["teacher", "student", "student_compiled"],
+                        default=["teacher", "student"],
+                        help="student_compiled: the student with StaticHybridCache(compile_step=True)")
     parser.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the teacher's decode step (CUDA only)")
     parser.add_argument("--student-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -326,6 +354,9 @@ def main() -> None:
                         help=f"small GPU smoke run {SMOKE} after a correctness check of the fast path")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="results.json files to combine")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json, inference.md and .png")
+    parser.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
+                        help="after the measurements, profile each model's prefill of CONTEXT tokens and one decode "
+                             "step at batch 8 (kernel families, GPU-busy fraction, host side) into profile.md")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of --out/results.json and measure only the missing ones (pieces of a "
                              "run under a time limit)")
@@ -358,11 +389,18 @@ def main() -> None:
             partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             partial.replace(args.out / "results.json")
 
+    profiles: list[str] = []
+
+    def run(name: str, runner) -> None:
+        _run_model(name, runner, args, device, vocab, done, record)
+        if args.profile:
+            profiles.append(_profile_model(name, runner, args, device, vocab))
+
     with torch.no_grad():
         teacher = _teacher(args, device, dtype)
         vocab = teacher.config.vocab_size
         if "teacher" in args.models:
-            _run_model("teacher", TeacherRunner(teacher, meta["teacher_compile"]), args, device, vocab, done, record)
+            run("teacher", TeacherRunner(teacher, meta["teacher_compile"]))
         with torch.device(device):
             student = student_from_teacher(teacher, window=args.window, n_sinks=args.n_sinks).eval()
         del teacher
@@ -372,8 +410,14 @@ def main() -> None:
             meta["check"] = _check_fast_path(student, device)
             print(meta["check"], flush=True)
         if "student" in args.models:
-            _run_model("student", StudentRunner(student, args.student_graph), args, device, vocab, done, record)
+            run("student", StudentRunner(student, args.student_graph))
+        if "student_compiled" in args.models:  # the same student, its decode step compiled (A/B in one run)
+            run("student_compiled", StudentRunner(student, args.student_graph, compile_step=True))
     _write(meta, rows, args.out)
+    if profiles:
+        print("\n\n".join(profiles))
+        if args.out is not None:
+            (args.out / "profile.md").write_text("\n\n".join(profiles) + "\n")
 
 
 if __name__ == "__main__":

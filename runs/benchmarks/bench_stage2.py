@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from profiling import profile_step  # runs/benchmarks/profiling.py (this script's folder is on sys.path)
 
 from lit_xdistill.models.configuration_xdistill import POINTWISE_BACKENDS
 from lit_xdistill.models.mixer import HybridMixer
@@ -52,98 +53,6 @@ def _time_steps(step, n_warmup: int, n_timed: int, dev: torch.device) -> tuple[f
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-
-
-# Kernel-name patterns per family, first match wins (names as the CUDA profiler reports them).
-FAMILIES = (
-    ("mLSTM (ours, Triton)", ("_fwd_states", "_fwd_output", "_bwd_dden", "_bwd_states", "_bwd_grads")),
-    ("fused mixer ops (ours, Triton)", ("_feature_map", "_gate_act", "_mix_fwd", "_mix_bwd")),
-    ("FlexAttention", ("flex", "triton_tem_fused")),
-    ("SDPA / flash", ("flash", "fmha", "attention", "cudnn")),
-    ("GEMM", ("gemm", "cutlass", "sm90_xmma", "nvjet", "ampere_", "cublas")),
-    ("other Triton (inductor)", ("triton_",)),
-    ("optimizer", ("adam", "multi_tensor")),
-    ("elementwise / reduction / copy", ("elementwise", "reduce", "copy", "fill", "index", "gather", "scatter",
-                                        "cat", "softmax", "log_softmax", "nll", "sum", "where", "topk", "sort")),
-)
-
-
-def _profile(step, dev: torch.device, title: str, n_steps: int = 2) -> str:
-    """GPU time per kernel family over ``n_steps`` steps, wall time and busy fraction, costliest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    step()  # warm (compiled and autotuned already by the timing, but keep the allocator steady)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(n_steps):
-            step()
-        sync()
-        wall_ms = (time.perf_counter() - start) * 1e3 / n_steps
-    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
-               and str(e.device_type).endswith("CUDA") and e.device_time_total > 0]
-    per_family: dict[str, float] = {}
-    for e in kernels:
-        name = e.key.lower()
-        family = next((f for f, pats in FAMILIES if any(p.lower() in name for p in pats)), "other")
-        per_family[family] = per_family.get(family, 0.0) + e.device_time_total / 1e3 / n_steps
-    busy = sum(per_family.values())
-    lines = [f"### {title}: {wall_ms:.1f} ms per step, GPU kernels {busy:.1f} ms ({busy / wall_ms:.0%} busy)", "",
-             "| kernel family | ms per step | share of step |", "|---|---:|---:|"]
-    lines += [f"| {f} | {ms:.1f} | {ms / wall_ms:.0%} |" for f, ms in sorted(per_family.items(), key=lambda x: -x[1])]
-    lines += ["", "| kernel | calls per step | ms per step |", "|---|---:|---:|"]
-    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
-        lines.append(f"| `{e.key[:90]}` | {e.count / n_steps:.0f} | {e.device_time_total / 1e3 / n_steps:.2f} |")
-    # The host's side: CUDA driver/runtime calls (launches; synchronising calls block the host until the GPU
-    # drains) and the torch ops with the most host time of their own.
-    host = [e for e in prof.key_averages() if not (str(getattr(e, "device_type", "")).endswith("CUDA"))]
-    runtime = [e for e in host if e.key.startswith(("cuda", "cu"))]
-    lines += ["", "| CUDA runtime / driver call (host) | calls per step | host ms per step |", "|---|---:|---:|"]
-    for e in sorted(runtime, key=lambda e: -e.self_cpu_time_total)[:8]:
-        lines.append(f"| `{e.key}` | {e.count / n_steps:.0f} | {e.self_cpu_time_total / 1e3 / n_steps:.2f} |")
-    ops = [e for e in host if e not in runtime]
-    n_ops = sum(e.count for e in ops if e.key.startswith("aten::")) / n_steps
-    lines += ["", f"{n_ops:,.0f} aten ops per step (host side, every dispatch counted).", "",
-              "| op (host time of its own) | calls per step | host ms per step |", "|---|---:|---:|"]
-    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:15]:
-        lines.append(f"| `{e.key[:90]}` | {e.count / n_steps:.0f} | {e.self_cpu_time_total / 1e3 / n_steps:.2f} |")
-    if dev.type == "cuda":
-        lines += ["", _sync_sites(step)]
-    return "\n".join(lines)
-
-
-def _sync_sites(step) -> str:
-    """Where one step makes the host wait for the GPU: torch's sync debug mode warns at every synchronising
-    op; each warning is attributed to the innermost frame of this repo (else of transformers/lightning)."""
-    import traceback
-    import warnings
-
-    sites: dict[str, int] = {}
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        frames = traceback.extract_stack()[:-1]
-        ours = [f for f in frames if "/lit_xdistill/" in f.filename or "/kernels/" in f.filename
-                or "xdistill_kernels" in f.filename]
-        other = [f for f in frames if "/transformers/" in f.filename or "/torch/" in f.filename]
-        f = (ours or other or frames)[-1]
-        where = f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
-        sites[where] = sites.get(where, 0) + 1
-
-    torch.cuda.synchronize()
-    with warnings.catch_warnings():  # restores showwarning and the filters on exit
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    lines = [f"Host-device synchronisations in one step: {sum(sites.values())}", "",
-             "| where (innermost frame of ours, else transformers/torch) | syncs per step |", "|---|---:|"]
-    lines += [f"| `{w}` | {n} |" for w, n in sorted(sites.items(), key=lambda x: -x[1])]
-    return "\n".join(lines)
 
 
 def _train_step(model_step, params, dev: torch.device):
@@ -171,7 +80,7 @@ def _plain_finetuning(spec: TeacherSpec, batch: dict, args) -> tuple[tuple, tupl
                        list(plain.parameters()), dev)
     row = ("plain fine-tuning (teacher, SDPA)", *_time_steps(step, args.warmup, args.steps, dev))
     if args.profile:
-        PROFILES.append(_profile(step, dev, "plain fine-tuning (teacher, SDPA)"))
+        PROFILES.append(profile_step(step, dev, "plain fine-tuning (teacher, SDPA)"))
     with torch.no_grad():  # the teacher top-k once, as the logit cache would hold it
         topk = topk_logprobs(plain(input_ids=batch["input_ids"]).logits.flatten(0, 1), args.top_k)
     return row, topk
@@ -230,7 +139,7 @@ def main() -> None:
                 params, dev)
             rows.append((f"KD, {name}, pointwise {backend}", *_time_steps(step, args.warmup, args.steps, dev)))
             if args.profile and inputs is cached:
-                PROFILES.append(_profile(step, dev, f"KD, cached top-k logits, pointwise {backend}"))
+                PROFILES.append(profile_step(step, dev, f"KD, cached top-k logits, pointwise {backend}"))
 
     tokens = args.batch * args.seq_len
     base = tokens / rows[0][1]

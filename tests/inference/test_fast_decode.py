@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -145,3 +147,23 @@ def test_cuda_graph_decoding_equals_eager_and_plain(dtype):
     assert torch.equal(graph, eager), "replaying the graph differs from running the same step eagerly"
     if dtype == torch.float32:  # bf16 may flip near-ties between the plain and the fast attention order
         assert torch.equal(graph, plain)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("mixer", ["hybrid", "attention"])
+def test_compiled_decode_step_equals_eager(mixer):
+    """compile_step traces the whole step as one graph (fullgraph: a graph break raises) and changes nothing."""
+    student = _student(mixer)
+    prompt, mask = _padded_prompt()
+    logits = {}
+    for compiled in (False, True):
+        cache = StaticHybridCache(batch_size=3, max_cache_len=40, cuda_graph=False, compile_step=compiled)
+        steps = []
+        with torch.no_grad():
+            token = student(prompt, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(2 * WINDOW):  # past the window: the ring wraps
+                steps.append(student(token, cache=cache, use_cache=True).logits)
+                token = steps[-1].argmax(-1)
+        logits[compiled] = torch.cat(steps, 1)
+        assert (cache._compiled is not None) == compiled
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -1,5 +1,8 @@
 """attention(): the visibility rule, GQA, and the flex path against the dense SDPA reference."""
 
+import shutil
+import sys
+
 import pytest
 import torch
 from xdistill_kernels import attention
@@ -86,3 +89,19 @@ def test_flex_block_mask_follows_the_segment_ids_tensor():
     check(torch.tensor([[0] * 3 + [1] * 21, [2] * 12 + [3] * 12]))  # another tensor, other documents
     seg[1, 5:] = 7  # in place: the version counter changes, the cached mask must not be reused
     check(seg)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_block_mask_build_equals_eager(monkeypatch):
+    """Long sequences build the flex block mask compiled (no S x S grid in memory): the same mask as eager,
+    for packed documents with a window and sinks."""
+    attention_module = sys.modules["xdistill_kernels.attention"]  # the package exports the function by that name
+    B, S = 2, 384  # three 128-blocks
+    seg = torch.tensor([[0] * 100 + [1] * 200 + [2] * 84, [5] * 384])
+    dense = {}
+    for compiled in (False, True):
+        attention_module._BLOCK_MASKS.clear()
+        monkeypatch.setattr(attention_module, "_compile_mask_build", lambda device, S, c=compiled: c)
+        dense[compiled] = attention_module._block_mask(B, S, 64, 4, seg, torch.device("cpu")).to_dense()
+    assert torch.equal(dense[True], dense[False])
+    assert 0 < dense[True].sum() < dense[True].numel()  # some blocks skipped, some computed
