@@ -149,9 +149,12 @@ def _measure_decode(runner, prompt: torch.Tensor, args, device: torch.device) ->
     n = args.new_tokens
     chunk = max(256, min(ctx, args.prefill_tokens // B))
     token = runner.prefill(prompt, ctx + n * (args.repeats + 1) + 1, chunk)
+    live = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        if args.memory_snapshot:
+            live = _live_allocations()
     times = []
     for run in range(args.repeats + 1):  # run 0: warm-up (compilation, graph capture)
         _sync(device)
@@ -162,7 +165,26 @@ def _measure_decode(runner, prompt: torch.Tensor, args, device: torch.device) ->
         if run:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": B * n / statistics.median(times), "peak_gib": peak}
+    return {"tokens_per_s": B * n / statistics.median(times), "peak_gib": peak,
+            **({"live_at_decode_start_mib": live} if live is not None else {})}
+
+
+def _live_allocations(top: int = 8) -> dict[str, float]:
+    """MiB of CUDA memory alive now, summed per allocating source line (the innermost frame of this repo, else
+    of transformers or torch), the ``top`` largest: what the decode phase starts from beside its cache."""
+    snapshot = torch.cuda.memory._snapshot()
+    per_site: dict[str, float] = {}
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            ours = [f for f in frames if "lit_xdistill" in f["filename"] or "kernels" in f["filename"]]
+            other = [f for f in frames if "transformers" in f["filename"] or "/torch/" in f["filename"]]
+            f = (ours or other or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+            site = f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+            per_site[site] = per_site.get(site, 0.0) + block["size"] / 2**20
+    return dict(sorted(per_site.items(), key=lambda x: -x[1])[:top])
 
 
 def _guarded(fn, runner, device: torch.device) -> dict:
@@ -357,6 +379,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
                         help="after the measurements, profile each model's prefill of CONTEXT tokens and one decode "
                              "step at batch 8 (kernel families, GPU-busy fraction, host side) into profile.md")
+    parser.add_argument("--memory-snapshot", action="store_true",
+                        help="record allocation stacks (CUDA; slows allocation) and add to every decode row the "
+                             "memory alive when its decode phase starts, per allocating source line")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of --out/results.json and measure only the missing ones (pieces of a "
                              "run under a time limit)")
@@ -376,6 +401,8 @@ def main() -> None:
             "teacher_compile": args.teacher_compile and device.type == "cuda",
             "student_graph": args.student_graph and device.type == "cuda",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if args.memory_snapshot and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     rows = _resumed_rows(args.out) if args.resume else []
     done = {(r["kind"], r["model"], r["context"], r["batch"]) for r in rows}
 
