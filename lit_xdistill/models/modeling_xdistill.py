@@ -100,6 +100,12 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
         """The decoder blocks (what FSDP wraps and activation checkpointing recomputes)."""
         return adapter_for(self.backbone.config).decoder_layers(self.backbone)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each decoder block in place (``nn.Module.compile``: parameter names, checkpoints and
+        FSDP wrapping stay as they are). Identical blocks share one compiled graph; static shapes, as in training."""
+        for layer in self.decoder_layers():
+            layer.compile(dynamic=False)
+
     def mixers(self) -> list[HybridMixer]:
         """The hybrid mixers, one per layer."""
         return [m for m in self.modules() if isinstance(m, HybridMixer)]

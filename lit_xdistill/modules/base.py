@@ -49,6 +49,10 @@ class StudentOptions:
         pointwise_backend: the mixer's feature maps, gate activations and output mix: ``auto`` (fused Triton
             kernels on CUDA, torch otherwise), ``triton`` or ``torch``.
         gradient_checkpointing: recompute decoder blocks in the backward pass to save memory.
+        compile_blocks: ``torch.compile`` every decoder block in place (inductor; the blocks share one
+            compilation). Stage II on an H100 is host-bound (the GPU 39 % busy, ~28k aten ops per step,
+            docs/benchmarks.md); compiling fuses the torch glue around our kernels into fewer launches. The first
+            steps pay the compilation. Off by default until measured on a GPU.
     """
 
     init_from: str | None = None
@@ -60,6 +64,7 @@ class StudentOptions:
     attention_backend: str = "auto"
     pointwise_backend: str = "auto"
     gradient_checkpointing: bool = False
+    compile_blocks: bool = False
 
     def __post_init__(self) -> None:
         # A dotted override inside a subclass's init_args (`--model.init_args.student.init_from null`)
@@ -73,7 +78,7 @@ class StudentOptions:
 
     def mixer_options(self) -> dict:
         opts = asdict(self)
-        for key in ("init_from", "gradient_checkpointing"):
+        for key in ("init_from", "gradient_checkpointing", "compile_blocks"):
             opts.pop(key)
         return opts
 
@@ -219,6 +224,8 @@ class StudentModule(L.LightningModule):
                  "converted student")
         if opts.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+        if opts.compile_blocks:
+            student.compile_blocks()
         # from_pretrained (a stage-I result) hands back eval mode, and Lightning keeps the modes it finds: a
         # training stage wants train mode (transformers' gradient checkpointing, for one, only runs in it).
         # A stage that wants otherwise says so in select_trainable (alignment keeps its frozen backbone in eval).

@@ -7,15 +7,15 @@ with next-token CE. Medians over timed steps after warm-up (the first steps comp
 the Triton kernels). Every KD step gets a fresh segment-id tensor, as from a data loader, so the per-batch
 FlexAttention block-mask build is part of the KD time (runs before 2026-11-27's third session reused one).
 
-``--profile`` adds, for plain fine-tuning and the cached-logits KD step, a torch.profiler breakdown of two steps:
-GPU time per kernel family (our mLSTM Triton kernels, FlexAttention, SDPA/flash, GEMMs, other Triton,
-elementwise/reduction/copy), the step's wall time and the GPU-busy fraction (a low one means the host, not the
-GPU, sets the pace), and the 25 costliest kernels.
+``--profile`` adds, for plain fine-tuning and every cached-logits KD row, the breakdown of
+``runs/benchmarks/profiling.py`` over two steps (GPU time per kernel family, GPU-busy fraction, costliest kernels,
+the host side and the places that synchronise).
 
-``--pointwise`` runs the KD rows once per listed backend of the mixer's feature maps, gates and output mix
-(``XDistillConfig.pointwise_backend``), in this process on the same student, so fused and unfused compare
-side by side. ``--device cpu`` is a smoke run of the same code path (tiny sizes; no memory column; the
-Triton backend there needs ``TRITON_INTERPRET=1`` in the environment).
+``--compile-blocks`` times the KD rows a second time after ``torch.compile`` of every student block (in place,
+same student, same process). ``--pointwise`` runs the KD rows once per listed backend of the mixer's feature
+maps, gates and output mix (``XDistillConfig.pointwise_backend``), in this process on the same student, so fused
+and unfused compare side by side. ``--device cpu`` is a smoke run of the same code path (tiny sizes; no memory
+column; the Triton backend there needs ``TRITON_INTERPRET=1`` in the environment).
 
     python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --pointwise torch triton --out results.md
     python runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --profile --out results.md  # + where time goes
@@ -98,6 +98,9 @@ def main() -> None:
                         help="mixer pointwise backend(s) to time the KD rows with, in this order")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="time the KD rows again with the student's blocks compiled "
+                             "(StudentOptions.compile_blocks)")
     parser.add_argument("--profile", action="store_true",
                         help="add a per-kernel-family GPU time breakdown of plain FT and cached-logits KD")
     args = parser.parse_args()
@@ -128,18 +131,23 @@ def main() -> None:
     cached = {**batch, "topk_ids": cached_ids.view(args.batch, args.seq_len, -1),
               "topk_logprobs": cached_lp.view(args.batch, args.seq_len, -1)}
     mixers = [m for m in module.student.modules() if isinstance(m, HybridMixer)]
-    for backend in args.pointwise:
-        for mixer in mixers:
-            mixer.pointwise_backend = backend
-        for name, inputs in (("cached top-k logits", cached), ("live teacher", batch)):
-            # a fresh segment-id tensor per step, as the data loader gives: the attention's block mask is
-            # cached per tensor, so reusing one would leave its per-batch build out of the timing
-            step = _train_step(
-                lambda inputs=inputs: module._losses({**inputs, "segment_ids": inputs["segment_ids"].clone()}).loss,
-                params, dev)
-            rows.append((f"KD, {name}, pointwise {backend}", *_time_steps(step, args.warmup, args.steps, dev)))
-            if args.profile and inputs is cached:
-                PROFILES.append(profile_step(step, dev, f"KD, cached top-k logits, pointwise {backend}"))
+    # eager first, then (--compile-blocks) the same student with its blocks compiled in place
+    for blocks in ("eager", "compiled") if args.compile_blocks else ("eager",):
+        if blocks == "compiled":
+            module.student.compile_blocks()
+        for backend in args.pointwise:
+            for mixer in mixers:
+                mixer.pointwise_backend = backend
+            for name, inputs in (("cached top-k logits", cached), ("live teacher", batch)):
+                # a fresh segment-id tensor per step, as the data loader gives: the attention's block mask is
+                # cached per tensor, so reusing one would leave its per-batch build out of the timing
+                step = _train_step(
+                    lambda inputs=inputs: module._losses({**inputs, "segment_ids": inputs["segment_ids"].clone()}
+                                                         ).loss, params, dev)
+                label = f"KD, {name}, pointwise {backend}" + (", compiled blocks" if blocks == "compiled" else "")
+                rows.append((label, *_time_steps(step, args.warmup, args.steps, dev)))
+                if args.profile and inputs is cached:
+                    PROFILES.append(profile_step(step, dev, label))
 
     tokens = args.batch * args.seq_len
     base = tokens / rows[0][1]

@@ -9,8 +9,8 @@
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 #
 # The queue (issue 9, then 4): SmolLM2 teacher, student and the student with its compiled decode step, with a
-# profile of each at 4k; a memory snapshot of the two students; stage II with its profile; the Llama-3.1-8B shape
-# at the targets' points; the GPU-marked tests. About 30 minutes: the teacher's decode step is compiled anew for
+# profile of each at 4k; a memory snapshot of the two students; stage II eager and with compiled blocks, profiled;
+# the Llama-3.1-8B shape at the targets' points; the GPU-marked tests. About 30 minutes: the teacher's decode step is compiled anew for
 # every (context, batch) point (~45 s each).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,7 +26,7 @@ case ${1:-} in
       S="--models teacher student student_compiled --resume"
       run $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out '$ROOT'/smollm2 --profile 4096
       run $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student student_compiled --memory-snapshot --out '$ROOT'/smollm2-memory
-      run python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --profile --out '$ROOT'/stage2.md
+      run python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks --profile --out '$ROOT'/stage2.md
       run $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out '$ROOT'/llama8b
       run python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference
       echo QUEUE-DONE

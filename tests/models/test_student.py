@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tiny_teachers import tiny_teacher
@@ -121,3 +123,31 @@ def test_align_mode_keeps_teacher_stream_and_reports_layer_losses():
 def test_document_positions():
     seg = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
     assert document_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_train_like_eager():
+    """compile_blocks() leaves parameter names alone, traces each block whole (one graph shared by all blocks, no
+    graph break) and gives the eager loss and gradients (packed documents)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = student_from_teacher(tiny_teacher("llama"), window=8, n_sinks=2, ogate_bias=0.0).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randint(0, 128, (2, 40))
+    seg = torch.tensor([[0] * 25 + [1] * 15, [3] * 40])
+    grads = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        loss = model(x, segment_ids=seg, labels=x).loss
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(grads["compiled"][0], grads["eager"][0], rtol=1e-5, atol=1e-5)
+    assert grads["compiled"][1].keys() == grads["eager"][1].keys()
+    for n, g in grads["eager"][1].items():
+        torch.testing.assert_close(grads["compiled"][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
