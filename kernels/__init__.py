@@ -49,6 +49,7 @@ def mlstm(
     return_final_state: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    state_block: int | None = None,
     eps: float = 1e-6,
 ) -> Tensor | tuple[Tensor, MLSTMState]:
     """The mLSTM over a sequence: h (B,NH,S,DV) in q's dtype, plus the final fp32 state if asked.
@@ -60,7 +61,8 @@ def mlstm(
     gradients on the returned final (C, n) are supported.
 
     backend: "auto" (triton on CUDA, chunkwise torch otherwise), "triton", "chunkwise", "parallel",
-    "recurrent". chunk_size: for "chunkwise" (default 64) and "triton" (default: heuristic).
+    "recurrent". chunk_size: for "chunkwise" (default 64) and "triton" (default: heuristic). state_block: "triton"
+    only, the tile edge of its sequential state kernels (default 64; smaller runs more programs in parallel).
     """
     if backend == "auto":
         backend = "triton" if q.is_cuda else "chunkwise"
@@ -68,7 +70,7 @@ def mlstm(
     if backend == "triton":
         from .chunkwise_triton import mlstm_triton
 
-        h, state = mlstm_triton(q, k, v, igate, fgate, chunk_size=chunk_size, **kwargs)
+        h, state = mlstm_triton(q, k, v, igate, fgate, chunk_size=chunk_size, state_block=state_block, **kwargs)
     elif backend == "chunkwise":
         h, state = mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size or 64, **kwargs)
     elif backend == "parallel":

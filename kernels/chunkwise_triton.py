@@ -334,17 +334,26 @@ def _bwd_grads(
         tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
-def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None) -> dict:
+def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
+            state_block: int | None = None) -> dict:
     """Chunk length L and block sizes. Default L (measured on an H100, docs/benchmarks.md): 128 for long
     sequences with head dims <= 128 (half the sequential steps of the state kernels, which dominate there),
-    64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences have few steps)."""
+    64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences have few steps).
+
+    The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
+    (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
+    B x NH = 18 at head dim 64, a 64-tile leaves most of a 132-SM card idle (docs/benchmarks.md)."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
     L = chunk_size or (128 if S >= 8192 and max(DQK, DV) <= 128 else 64)
     if L < 16 or L & (L - 1):
         raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
-    return dict(L=L, BK=min(64, DQK), PREC="ieee" if dtype == torch.float32 else "tf32")
+    tile = state_block or 64
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"mlstm triton: state_block must be a power of two >= 16, got {tile}")
+    return dict(L=L, BK=min(64, DQK), BKS=min(tile, DQK), BVS=min(tile, DV),
+                PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
@@ -364,10 +373,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
     C0, n0, m0 fp32 or None (fresh); doc (B,S) int32 or None (one document). Outputs h, final C, n, m."""
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size):
+    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size, state_block):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
-        cfg = _config(S, DQK, DV, q.dtype, chunk_size)
+        cfg = _config(S, DQK, DV, q.dtype, chunk_size, state_block)
         L, BK = cfg["L"], cfg["BK"]
         NC = triton.cdiv(S, L)
         dev = q.device
@@ -377,13 +386,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
         Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
         nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
-        BVs = min(64, DV)
+        BKs, BVs = cfg["BKS"], cfg["BVS"]
         # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
         doc_arg = doc if doc is not None else ms
         init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
-        _fwd_states[(B * NH, DQK // BK, DV // BVs)](
+        _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
             k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, NH, S, NC,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVs, HAS_INIT=C0 is not None, num_warps=4, **flags)
+            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, num_warps=4, **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -420,10 +429,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
         _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
                                                  num_warps=4)
-        _bwd_states[(B * NH, DQK // BK, DV // BV)](
+        _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal, num_warps=4,
-            **flags)
+            DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
+            num_warps=4, **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
         _bwd_grads[(NC, B * NH)](
@@ -431,7 +440,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             NH, S, NC, eps, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, num_warps=8, **flags)
         d_final = (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1) if has_dfinal else None
         dig, dfg = _gate_grads(qdq, kdk, doc, fgate, d_final)
-        return dq, dk, dv, dig.to(igate.dtype), dfg, dC0, dn0, None, None, None, None
+        return dq, dk, dv, dig.to(igate.dtype), dfg, dC0, dn0, None, None, None, None, None
 
 
 def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: Tensor | None):
@@ -466,6 +475,7 @@ def mlstm_triton(
     segment_ids: Tensor | None = None,  # (B, S)
     initial_state: MLSTMState | None = None,
     chunk_size: int | None = None,
+    state_block: int | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, MLSTMState]:
     """Chunkwise Triton mLSTM: h (B,NH,S,DV) in q's dtype (bf16/fp16/fp32) and the final fp32 state.
@@ -485,5 +495,5 @@ def mlstm_triton(
         C0, n0, m0 = (x.float().contiguous() for x in initial_state)
         m0 = m0.detach()
     h, Cf, nf, mf = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
-                                          fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size)
+                                          fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size, state_block)
     return h, (Cf, nf, mf)

@@ -102,10 +102,14 @@ def peer_kernel(name):
         return None
 
 
-def bench_shape(B, NH, S, D, chunks, peers, results):
+def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=()):
     (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
+    for tile in state_blocks:  # the sequential state kernels' tile edge, at the default chunk size
+        t = fwd_bwd(lambda tile=tile: mlstm(q, k, v, ig, fg, backend="triton", state_block=tile), leaves, dh)()
+        row[f"ours_tile{tile}"] = t
+        print(f"{(B, NH, S, D)} ours state_block={tile}: {t:.3f} ms", flush=True)
     for L in chunks:
         t = fwd_bwd(lambda L=L: mlstm(q, k, v, ig, fg, backend="triton", chunk_size=L), leaves, dh)()
         row[f"ours_L{L}"] = t
@@ -190,6 +194,12 @@ def write_markdown(path, results, checks, device):
                 f"L={k[6:]}: {r[k]:.3f} ms ({r[k + '_tflops']:.0f} TFLOP/s, "
                 f"floor {r[k + '_floor_ms']:.3f} ms)"
                 for k in sweep))
+    tiles = [r for r in results if any(k.startswith("ours_tile") for k in r)]
+    if tiles:
+        lines += ["", "State-kernel tile sweep (ours at the default chunk size, ms):", ""]
+        for r in tiles:
+            lines.append(f"- {r['shape']}: " + ", ".join(f"{k[9:]}: {r[k]:.3f}" for k in r
+                                                         if k.startswith("ours_tile")))
     for r in results:
         if "step" in r:
             lines.append(f"- step kernel {r['step']} (B, NH, D): {r['ms'] * 1e3:.1f} us, "
@@ -206,6 +216,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,3")
     ap.add_argument("--chunks", default="64,128", help="chunk sizes of ours to sweep")
+    ap.add_argument("--state-blocks", default="", help="state-kernel tile edges of ours to sweep, e.g. 16,32,64")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
     args = ap.parse_args()
@@ -219,7 +230,7 @@ def main():
     for shape in shapes:
         if args.profile:
             profile_ours(*shape)
-        bench_shape(*shape, chunks, peers, results)
+        bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t])
         torch.cuda.empty_cache()
         write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
     bench_step(results)

@@ -10,7 +10,8 @@
 #
 # The queue (issue 9, then 4): SmolLM2 teacher, student and the student with its compiled decode step, with a
 # profile of each at 4k; a memory snapshot of the two students; stage II eager and with compiled blocks, profiled;
-# the Llama-3.1-8B shape at the targets' points; the GPU-marked tests. About 30 minutes: the teacher's decode step is compiled anew for
+# the mLSTM kernels with a state-tile sweep (issue 3); the Llama-3.1-8B shape at the targets' points; the
+# GPU-marked tests. About 30 minutes: the teacher's decode step is compiled anew for
 # every (context, batch) point (~45 s each).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +28,7 @@ case ${1:-} in
       run $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out '$ROOT'/smollm2 --profile 4096
       run $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student student_compiled --memory-snapshot --out '$ROOT'/smollm2-memory
       run python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks --profile --out '$ROOT'/stage2.md
+      mkdir -p '$ROOT'/kernels && run python3 kernels/benchmarks/bench_mlstm.py --out '$ROOT'/kernels --state-blocks 16,32,64
       run $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out '$ROOT'/llama8b
       run python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference
       echo QUEUE-DONE
@@ -38,7 +40,7 @@ case ${1:-} in
     while (( SECONDS < end )) && ! grep -q QUEUE-DONE "$ROOT/queue.log"; do sleep 10; done
     grep -E '^(===|\{)|Error|error' "$ROOT/queue.log" | tail -60
     out=${DEVICE_OUT:-$OUT}
-    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md stage2.md 2>/dev/null) queue.log)
+    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md stage2.md kernels/bench_mlstm.* 2>/dev/null) queue.log)
     ;;
   *) echo "usage: $0 start | wait [seconds]" >&2; exit 2 ;;
 esac

@@ -15,9 +15,9 @@ from xdistill_kernels import mlstm, mlstm_fresh_state, mlstm_step
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _fn(backend, chunk_size=None):
+def _fn(backend, chunk_size=None, **options):
     def fn(*args, **kw):
-        return mlstm(*args, backend=backend, chunk_size=chunk_size, return_final_state=True, **kw)
+        return mlstm(*args, backend=backend, chunk_size=chunk_size, return_final_state=True, **options, **kw)
 
     return fn
 
@@ -35,7 +35,8 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gate_scale=1.0, seed=0):
+def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gate_scale=1.0, seed=0,
+                            state_block=None):
     B, NH, S, DQK, DV = shape
     tensors, seg, state = make_inputs(B, NH, S, DQK, DV, dtype=dtype, device=DEVICE, with_state=with_state,
                                       n_docs=n_docs, gate_scale=gate_scale, seed=seed)
@@ -43,7 +44,7 @@ def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gat
         with torch.no_grad():
             tensors[3].clamp_(-30, 30)
             tensors[4].clamp_(-30, 30)
-    out = loss_and_grads(_fn("triton", chunk), tensors, seg, state)
+    out = loss_and_grads(_fn("triton", chunk, state_block=state_block), tensors, seg, state)
     ref = loss_and_grads(_fn("parallel"), *_as_double(tensors, state)[:1], seg, _as_double(tensors, state)[1])
     names = ["h", "C", "n", "m", "dq", "dk", "dv", "digate", "dfgate", "dC0", "dn0"]
     values = [out[0], *out[1], *out[2]]
@@ -70,6 +71,13 @@ CPU_CASES = [
 @pytest.mark.parametrize("shape,chunk,with_state,n_docs", CPU_CASES)
 def test_triton_matches_reference_fp32(shape, chunk, with_state, n_docs):
     check_against_reference(shape, chunk, dtype=torch.float32, tol=5e-5, with_state=with_state, n_docs=n_docs)
+
+
+def test_triton_state_kernels_split_into_small_tiles_fp32():
+    """state_block=16 splits each head's 32 x 32 state over four programs of the sequential state kernels
+    (forward and backward): documents, an initial state and a ragged last chunk still equal the reference."""
+    check_against_reference((2, 1, 45, 32, 32), 16, dtype=torch.float32, tol=5e-5, with_state=True, n_docs=3,
+                            state_block=16)
 
 
 def test_triton_extreme_gates_fp32():
