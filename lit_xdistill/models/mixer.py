@@ -168,10 +168,12 @@ class HybridMixer(nn.Module):
         return xk.mlstm(fq, fk, vr, igate, fgate, segment_ids=segment_ids, backend=self.mlstm_backend)
 
     def _mlstm(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
-               segment_ids: Tensor | None, state: LayerCache | None) -> Tensor:
+               segment_ids: Tensor | None, state: LayerCache | None, fused: bool) -> Tensor:
+        """The mLSTM branch continuing (and updating) a layer's cache: chunkwise over a prompt, one step per
+        decoded token. k (B, NKV, S, D) as in _mlstm_fresh (the feature map reads GQA heads), v repeated to NH."""
         import xdistill_kernels as xk
 
-        fq, fk = self.phi_q(q), self.phi_k(k)
+        fq, fk = self.phi_q(q, fused), self.phi_k(k, fused)
         if state.mlstm is not None and q.shape[2] == 1:
             h, new_state = xk.mlstm_step(fq[:, :, 0], fk[:, :, 0], v[:, :, 0], igate[..., 0], fgate[..., 0],
                                          state.mlstm)
@@ -218,7 +220,7 @@ class HybridMixer(nn.Module):
             if state is None:
                 h = self._mlstm_fresh(q, k, v, igate, fgate, segment_ids, fused)
             else:
-                h = self._mlstm(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), igate, fgate, segment_ids, state)
+                h = self._mlstm(q, k, repeat_kv(v, n_rep), igate, fgate, segment_ids, state, fused)
             if o is None:
                 out = h
             elif fused:

@@ -422,6 +422,8 @@ def main() -> None:
         _run_model(name, runner, args, device, vocab, done, record)
         if args.profile:
             profiles.append(_profile_model(name, runner, args, device, vocab))
+            if args.out is not None:  # at once: a later model that fails must not take this one with it
+                (args.out / "profile.md").write_text("\n\n".join(profiles) + "\n")
 
     with torch.no_grad():
         teacher = _teacher(args, device, dtype)
@@ -443,8 +445,6 @@ def main() -> None:
     _write(meta, rows, args.out)
     if profiles:
         print("\n\n".join(profiles))
-        if args.out is not None:
-            (args.out / "profile.md").write_text("\n\n".join(profiles) + "\n")
 
 
 if __name__ == "__main__":

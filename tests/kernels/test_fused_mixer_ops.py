@@ -150,10 +150,12 @@ def test_mixer_fused_equals_unfused(kind):
 
 def test_student_fused_prefill_and_decoding():
     """A whole student with the fused ops: the same logits as the torch ops, and prefill + token-by-token
-    decoding (fused gates and mix on the cached path) equal to one full forward."""
+    decoding (fused feature maps, gates and mix on the cached path, with the plain and the static cache)
+    equal to one full forward."""
     from tiny_teachers import tiny_teacher
 
     from lit_xdistill.models import HybridCache, student_from_teacher
+    from lit_xdistill.models.decoding import StaticHybridCache
 
     fused = student_from_teacher(tiny_teacher("llama"), window=8, n_sinks=2, ogate_bias=0.0,
                                  pointwise_backend="triton").to(DEVICE).eval()
@@ -165,9 +167,13 @@ def test_student_fused_prefill_and_decoding():
         cache = HybridCache(batch_size=2)
         parts = [fused(x[:, :11], cache=cache, use_cache=True).logits]
         parts += [fused(x[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(11, 20)]
+        static = StaticHybridCache(batch_size=2, cuda_graph=False)
+        steps = [fused(x[:, :11], cache=static, use_cache=True).logits]
+        steps += [fused(x[:, i : i + 1], cache=static, use_cache=True).logits for i in range(11, 20)]
         reference = plain(x).logits
     assert _rel(full, reference) < TOL
     assert _rel(torch.cat(parts, 1), full) < TOL
+    assert _rel(torch.cat(steps, 1), full) < TOL
 
 
 def test_pointwise_backend_selection():
