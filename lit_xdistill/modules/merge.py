@@ -384,7 +384,8 @@ def merge_report(
                 Path(out_dir) / "wintie" / f"{_slug(label)}.json",
             )
         del model
-    return _write_report(results, list(domains), Path(out_dir), teacher, seq_len, blocks, teacher_ppl)
+    return _write_report(results, list(domains), Path(out_dir), teacher, seq_len, blocks, teacher_ppl,
+                         ce_weight, kl_weight)
 
 
 def _suite_wintie(
@@ -416,6 +417,8 @@ def _write_report(
     seq_len: int,
     blocks: int,
     teacher_ppl: dict[str, float] | None = None,
+    ce_weight: float = 0.9,
+    kl_weight: float = 0.1,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     wintie = {label: row["wintie"] for label, row in results.items() if "wintie" in row}
@@ -423,7 +426,7 @@ def _write_report(
     head = "| model | " + " | ".join(f"{d} KD loss | {d} ppl" for d in domains) + " | mean KD loss |" + extra
     lines = [
         f"# Merge report\n\nTeacher `{teacher}`; held-out split, up to {blocks} blocks of {seq_len} "
-        "tokens per domain; KD loss = 0.9 CE + 0.1 top-k KL (lower is better).\n",
+        f"tokens per domain; KD loss = {ce_weight:g} CE + {kl_weight:g} top-k KL (lower is better).\n",
         head,
         "|---|" + "---:|" * (2 * len(domains) + 1 + (2 if wintie else 0)),
     ]
@@ -458,12 +461,13 @@ def _write_report(
             lines.append(f"| {task} | {entry['metric']} | {entry['teacher']:.3f} | " + " | ".join(cells) + " |")
     (out / "merge_report.md").write_text("\n".join(lines) + "\n")
     (out / "merge_report.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, domains, wintie, out / "merge_report.png", teacher_ppl or {})
+    _plot(results, domains, wintie, out / "merge_report.png", teacher_ppl or {}, ce_weight)
     return out / "merge_report.md"
 
 
 def _plot(
-    results: dict[str, dict], domains: list[str], wintie: dict[str, dict], path: Path, teacher_ppl: dict[str, float]
+    results: dict[str, dict], domains: list[str], wintie: dict[str, dict], path: Path, teacher_ppl: dict[str, float],
+    ce_weight: float,
 ) -> None:
     """One panel per domain (held-out KD loss per model, own y-range, values, teacher line), plus ``C_α``."""
     import matplotlib
@@ -478,7 +482,7 @@ def _plot(
     for ax, domain in zip(axes[0], domains):
         values = [results[label][domain][0] for label in labels]
         bars = ax.bar(range(len(labels)), values, color=[colors[label] for label in labels])
-        teacher = 0.9 * math.log(teacher_ppl[domain]) if domain in teacher_ppl else None  # KL(T || T) = 0
+        teacher = ce_weight * math.log(teacher_ppl[domain]) if domain in teacher_ppl else None  # KL(T || T) = 0
         span = values + ([teacher] if teacher is not None else [])
         low, high = min(span), max(span)
         pad = max(high - low, 1e-3 * max(abs(high), 1.0))
@@ -510,7 +514,7 @@ def _plot(
     names = list(labels)
     if teacher_ppl:
         handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
-        names.append("teacher (0.9 CE; KL 0)" + ("; C_α = 0.5" if wintie else ""))
+        names.append(f"teacher ({ce_weight:g} CE; KL 0)" + ("; C_α = 0.5" if wintie else ""))
     fig.legend(handles, names, loc="lower center", ncol=len(names) if len(names) <= 8 else 4, fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))

@@ -282,7 +282,7 @@ def _report(meta: dict, rows: list[dict]) -> str:
              f"teacher decode compiled: {meta['teacher_compile']}, student CUDA graph: {meta['student_graph']}; "
              f"medians of {meta['repeats']}; {meta['date']}"]
 
-    def table(kind: str, title: str, extra: str, extra_fmt: str) -> list[str]:
+    def table(kind: str, title: str, extra: str, extra_key: str, extra_fmt: str) -> list[str]:
         """One row per (context, batch): every model's tokens/s and ``extra`` column, each student's ratio."""
         head = ["context", "batch", "teacher tok/s", *[f"{m} tok/s" for m in students],
                 *[f"{m}/teacher" for m in students], f"teacher {extra}", *[f"{m} {extra}" for m in students]]
@@ -291,15 +291,15 @@ def _report(meta: dict, rows: list[dict]) -> str:
             t = index.get((kind, "teacher", ctx, b))
             ss = [index.get((kind, m, ctx, b)) for m in students]
             cells = [str(ctx), str(b), cell(t, "tokens_per_s", ",.0f"), *[cell(x, "tokens_per_s", ",.0f") for x in ss],
-                     *[ratio(t, x) for x in ss], cell(t, extra_key[kind], extra_fmt),
-                     *[cell(x, extra_key[kind], extra_fmt) for x in ss]]
+                     *[ratio(t, x) for x in ss], cell(t, extra_key, extra_fmt),
+                     *[cell(x, extra_key, extra_fmt) for x in ss]]
             out.append("| " + " | ".join(cells) + " |")
         return out
 
-    extra_key = {"prefill": "ttft_ms", "decode": "peak_gib"}
-    lines += table("prefill", "Prefill (one forward of the prompt; time to first token):", "TTFT ms", ".1f")
+    lines += table("prefill", "Prefill (one forward of the prompt; time to first token):", "TTFT ms", "ttft_ms",
+                   ".1f")
     lines += table("decode", f"Decode ({meta['new_tokens']} greedy tokens per run; peak memory of the decode "
-                   "phase):", "peak GiB", ".2f")
+                   "phase):", "peak GiB", "peak_gib", ".2f")
     return "\n".join(lines) + "\n"
 
 
