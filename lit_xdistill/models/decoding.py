@@ -210,7 +210,10 @@ class StaticHybridCache(HybridCache):
 
     def layer(self, idx: int) -> StaticLayerCache:
         """The state of layer ``idx`` (created empty on first use, its buffers at prefill)."""
-        return self.layers.setdefault(idx, StaticLayerCache(max_cache_len=self.max_cache_len))
+        layer = self.layers.get(idx)
+        if layer is None:  # not setdefault: a compiled decode step would guard on max_cache_len and recompile
+            layer = self.layers[idx] = StaticLayerCache(max_cache_len=self.max_cache_len)  # for every capacity
+        return layer
 
     def advance(self, new_doc_len: Tensor, n_columns: int) -> None:
         """Record that a forward pass consumed ``n_columns`` columns (``doc_len`` is written in place)."""

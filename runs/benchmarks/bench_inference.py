@@ -121,6 +121,13 @@ class StudentRunner:
     def __init__(self, model, cuda_graph: bool, compile_step: bool = False):
         self.model, self.cuda_graph, self.compile_step = model, cuda_graph, compile_step
         self.cache = None
+        if compile_step:
+            # The step's shapes depend on the batch alone (the cache is a window ring), so a compiled step is
+            # reused at every context of that batch instead of compiled per (context, batch) point: dynamo keeps
+            # one entry per batch size. Room for all of them, and an error rather than a silent eager fallback
+            # if the limit is still hit.
+            torch._dynamo.config.recompile_limit = 64
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     def prefill(self, prompt: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
         self.cache = StaticHybridCache(batch_size=prompt.shape[0], max_cache_len=capacity, cuda_graph=self.cuda_graph,
@@ -139,8 +146,6 @@ class StudentRunner:
 
     def release(self) -> None:
         self.cache = None
-        if self.compile_step:
-            torch._dynamo.reset()  # one compiled step per cache shape; keep dynamo under its recompile limit
 
 
 def _measure_decode(runner, prompt: torch.Tensor, args, device: torch.device) -> dict:
@@ -220,9 +225,8 @@ def _run_model(name: str, runner, args, device: torch.device, vocab: int, done: 
                 record({**key, **_guarded(lambda p=prompt: _measure_decode(runner, p, args, device), runner, device)})
 
 
-def _profile_model(name: str, runner, args, device: torch.device, vocab: int) -> str:
-    """Profiles of one prefill of ``--profile`` tokens (batch 1) and of one decode step at batch 8 after it."""
-    ctx = args.profile
+def _profile_model(name: str, runner, ctx: int, args, device: torch.device, vocab: int) -> str:
+    """Profiles of one prefill of ``ctx`` tokens (batch 1) and of one decode step at batch 8 after it."""
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, vocab, (1, ctx), generator=gen).to(device)
     parts = [profile_step(lambda: runner.prefill_only(prompt), device, f"{name}: prefill of {ctx} tokens")]
@@ -376,9 +380,10 @@ def main() -> None:
                         help=f"small GPU smoke run {SMOKE} after a correctness check of the fast path")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="results.json files to combine")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json, inference.md and .png")
-    parser.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
+    parser.add_argument("--profile", type=int, nargs="+", default=[], metavar="CONTEXT",
                         help="after the measurements, profile each model's prefill of CONTEXT tokens and one decode "
-                             "step at batch 8 (kernel families, GPU-busy fraction, host side) into profile.md")
+                             "step at batch 8 (kernel families, GPU-busy fraction, host side) into profile.md; "
+                             "several contexts may be given")
     parser.add_argument("--memory-snapshot", action="store_true",
                         help="record allocation stacks (CUDA; slows allocation) and add to every decode row the "
                              "memory alive when its decode phase starts, per allocating source line")
@@ -420,8 +425,8 @@ def main() -> None:
 
     def run(name: str, runner) -> None:
         _run_model(name, runner, args, device, vocab, done, record)
-        if args.profile:
-            profiles.append(_profile_model(name, runner, args, device, vocab))
+        for ctx in args.profile:
+            profiles.append(_profile_model(name, runner, ctx, args, device, vocab))
             if args.out is not None:  # at once: a later model that fails must not take this one with it
                 (args.out / "profile.md").write_text("\n\n".join(profiles) + "\n")
 

@@ -8,11 +8,12 @@
 #   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 #
-# The queue (issue 9, then 4): SmolLM2 teacher, student and the student with its compiled decode step, with a
-# profile of each at 4k; a memory snapshot of the two students; stage II eager and with compiled blocks, profiled;
-# the mLSTM kernels with a state-tile sweep (issue 3); the Llama-3.1-8B shape at the targets' points; the
-# GPU-marked tests. About 30 minutes: the teacher's decode step is compiled anew for
-# every (context, batch) point (~45 s each).
+# The queue, most needed first (a machine is held 30 minutes at most): issue 9's SmolLM2 table (teacher, student,
+# and the student with its compiled decode step), with profiles of prefill and a decode step at 4k and 64k; issue 4's
+# stage II eager and with compiled blocks, profiled; a memory snapshot of the student's decode phase; the mLSTM
+# kernels with a state-tile sweep (issue 3); the Llama-3.1-8B shape at the targets' points; the GPU-marked tests.
+# The teacher's decode step is compiled anew for every (context, batch) point (~45 s each, its cache length
+# differs); the student's once per batch size.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=/root/bench
@@ -25,9 +26,9 @@ case ${1:-} in
       B="python3 runs/benchmarks/bench_inference.py"
       run() { echo "=== $(date -u +%T) $*"; "$@"; echo "=== rc=$? $(date -u +%T)"; }
       S="--models teacher student student_compiled --resume"
-      run $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out '$ROOT'/smollm2 --profile 4096
-      run $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student student_compiled --memory-snapshot --out '$ROOT'/smollm2-memory
+      run $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out '$ROOT'/smollm2 --profile 4096 65536
       run python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks --profile --out '$ROOT'/stage2.md
+      run $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot --out '$ROOT'/smollm2-memory
       mkdir -p '$ROOT'/kernels && run python3 kernels/benchmarks/bench_mlstm.py --out '$ROOT'/kernels --state-blocks 16,32,64
       run $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out '$ROOT'/llama8b
       run python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference

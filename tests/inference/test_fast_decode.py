@@ -167,3 +167,25 @@ def test_compiled_decode_step_equals_eager(mixer):
         logits[compiled] = torch.cat(steps, 1)
         assert (cache._compiled is not None) == compiled
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_step_is_reused_across_prompt_lengths():
+    """A hybrid student's step has the same shapes whatever the prompt length or cache capacity, so a second
+    cache of the same batch size runs the step compiled for the first (a guard on the capacity recompiled it
+    for every prompt: ~1 min per compilation of a 30-layer step on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    student = _student()
+    torch._dynamo.reset()
+    compiled_graphs = []
+    for length, capacity in ((14, 40), (30, 90)):
+        prompt = torch.randint(1, 128, (2, length), generator=torch.Generator().manual_seed(length))
+        cache = StaticHybridCache(batch_size=2, max_cache_len=capacity, cuda_graph=False, compile_step=True)
+        with torch.no_grad():
+            token = student(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                token = student(token, cache=cache, use_cache=True).logits.argmax(-1)
+        compiled_graphs.append(counters["stats"]["unique_graphs"])
+    assert compiled_graphs[0] >= 1, "the decode step was not compiled"
+    assert compiled_graphs[1] == compiled_graphs[0], "the second prompt length recompiled the decode step"
