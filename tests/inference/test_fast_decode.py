@@ -189,3 +189,45 @@ def test_compiled_decode_step_is_reused_across_prompt_lengths():
         compiled_graphs.append(counters["stats"]["unique_graphs"])
     assert compiled_graphs[0] >= 1, "the decode step was not compiled"
     assert compiled_graphs[1] == compiled_graphs[0], "the second prompt length recompiled the decode step"
+
+
+def test_a_dropped_static_cache_is_freed_without_the_cycle_collector():
+    """Nothing the cache owns (its layers, its decode graph) points back to it, so dropping the last reference
+    frees its buffers at once. With a cycle they waited for Python's cyclic collector, and every dropped cache's
+    CUDA-graph memory pool stayed allocated meanwhile (decode memory rose by ~0.1 GiB per dropped cache on an
+    H100)."""
+    import gc
+    import weakref
+
+    from lit_xdistill.models.decoding import DecodeGraph
+
+    student = _student()
+    prompt, mask = _padded_prompt()
+    cache = StaticHybridCache(batch_size=3, cuda_graph=False)
+    with torch.no_grad():
+        token = student(prompt, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        student(token, cache=cache, use_cache=True)
+    cache.graph = DecodeGraph(student.decode_step)  # what decode() attaches on CUDA
+    buffers = weakref.ref(cache.layers[0].keys)
+    gc.disable()
+    try:
+        del cache
+        assert buffers() is None, "the cache's buffers outlived it: a reference cycle holds them"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_cache_memory_is_returned_when_dropped():
+    """Decoding with a captured graph, then dropping the cache, gives back every byte the cache and its graph's
+    pool took, without a gc.collect(): a second decode after it starts from the same allocated memory."""
+    student = _student(dtype=torch.bfloat16).cuda()
+    prompt, mask = (t.cuda() for t in _padded_prompt())
+    kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW, do_sample=False, pad_token_id=0)
+    before = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        before.append(torch.cuda.memory_allocated())
+        student.generate(prompt, cache=StaticHybridCache(batch_size=3), **kwargs)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before[0] == before[1]

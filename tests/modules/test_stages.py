@@ -118,3 +118,43 @@ def test_kd_loss_ignored_positions_contribute_nothing():
     none.loss.backward()
     assert none.loss.item() == 0 and int(none.tokens) == 0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_compile_blocks_auto_compiles_on_cuda_outside_fsdp(tiny_teacher_dir):
+    """``auto``: compiled where it was measured to pay (one CUDA device, DDP), eager on CPU, without a trainer
+    and under FSDP; true/false force it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from lit_xdistill.modules import KDModule, StudentOptions
+
+    def resolved(choice, strategy):
+        module = KDModule(teacher=tiny_teacher_dir, student=StudentOptions(compile_blocks=choice))
+        module._trainer = SimpleNamespace(strategy=strategy) if strategy is not None else None
+        return module._compiles_blocks()
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolved("auto", SingleDeviceStrategy(device=cuda))
+    assert resolved("auto", DDPStrategy(parallel_devices=[cuda]))
+    assert not resolved("auto", SingleDeviceStrategy(device=cpu))
+    assert not resolved("auto", FSDPStrategy(parallel_devices=[cuda]))
+    assert not resolved("auto", None)
+    assert resolved(True, SingleDeviceStrategy(device=cpu))
+    assert not resolved(False, SingleDeviceStrategy(device=cuda))
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_alignment_with_compiled_blocks_trains_only_the_mixers(tiny_teacher_dir, text_dir, tmp_path):
+    """Stage I through Lightning with every block compiled (what ``auto`` does on a GPU): the per-layer
+    alignment losses come out of the compiled blocks, and still only the mixers change."""
+    from lit_xdistill.models import student_from_teacher
+    from lit_xdistill.teachers import TeacherSpec
+
+    _fit("align", tmp_path, tiny_teacher_dir, text_dir, "--model.init_args.warmup_steps", "1",
+         "--model.init_args.student.compile_blocks", "true")
+    spec = TeacherSpec(tiny_teacher_dir, dtype="float32")
+    fresh = student_from_teacher(spec.load_model(), spec.identity, window=16).state_dict()
+    trained = _weights(tmp_path / "align_student")
+    changed = {k for k, v in trained.items() if not torch.equal(v, fresh[k])}
+    assert changed and all(".xdistill_mixer." in k for k in changed), sorted(changed)[:3]
