@@ -241,7 +241,7 @@ class StudentModule(L.LightningModule):
              f"({sum(p.numel() for p in student.parameters()) / 1e9:.2f}B parameters)")
 
     def _compiles_blocks(self) -> bool:
-        """``student.compile_blocks`` resolved for this run (``auto``: a CUDA device and no FSDP; see StudentOptions)."""
+        """``student.compile_blocks`` resolved for this run (``auto``: CUDA and no FSDP; see StudentOptions)."""
         choice = self.student_options.compile_blocks
         if choice != "auto":
             return bool(choice)
