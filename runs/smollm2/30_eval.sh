@@ -7,25 +7,31 @@
 #  2. Held-out perplexity of teacher and student per training domain (each corpus' heldout split, never
 #     trained on) and on one domain not trained on. No CLI command computes it (KDModule has no test_step),
 #     so the Python below does: exp(mean next-token CE) over the packed blocks, documents kept apart.
-# Exit 0: everything written; exit 75: run again.
+# Parts, for a machine with several GPUs (runs/smollm2/two_gpus.sh): EVAL_SIDE=teacher computes only the
+# teacher's per-task scores (into the on-disk cache that `evaluate` reads; the teacher does not depend on
+# training, so this can run beside it); EVAL_TASKS="a b" evaluates only those tasks and stops before the
+# merge, report and perplexity if other tasks are still missing (another process does them).
+# Exit 0: everything written (or this part done); exit 75: run again.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SUITE=${EVAL_SUITE:-$REPO/configs/eval/default.yaml}
 EVAL_LIMIT=${EVAL_LIMIT:-0}       # 0 = full sets (issue 10); 200 = the ~1 min suite of docs/evaluation.md
 EVAL_BATCH=${EVAL_BATCH:-32}
+EVAL_SIDE=${EVAL_SIDE:-both}      # both | teacher
 PPL_BLOCKS=${PPL_BLOCKS:-32}      # at most 32 x seq_len tokens per domain and model
 # a domain none of the four corpora covers: legal prose (the licence texts every Debian system ships)
 UNTRAINED=${UNTRAINED:-/usr/share/common-licenses}
 TEACHER_NAME=${TEACHER:-smollm2-135m-instruct}
 STUDENT=$OUT/kd/student
 EVAL=$OUT/eval
-[[ -f $STUDENT/config.json ]] || { echo "no stage-II student in $STUDENT: run 20_kd.sh" >&2; exit 1; }
+[[ $EVAL_SIDE == teacher || -f $STUDENT/config.json ]] || {
+  echo "no stage-II student in $STUDENT: run 20_kd.sh" >&2; exit 1; }
 mkdir -p "$EVAL/tasks"
 start=$SECONDS
 left() { echo $((CHUNK_SECONDS - (SECONDS - start))); }
 
 # --- 1. suite, task by task --------------------------------------------------------------------------------
 tasks=$("$PY" -c 'import sys, yaml; print(" ".join(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"]))' "$SUITE")
-for task in $tasks; do
+for task in ${EVAL_TASKS:-$tasks}; do
   dir=$EVAL/tasks/$task
   [[ -f $dir/student.json ]] && continue
   (( $(left) > 30 )) || exit $AGAIN
@@ -34,18 +40,30 @@ for task in $tasks; do
 import sys, yaml
 suite = yaml.safe_load(open(sys.argv[1]))
 entry = [t for t in suite["tasks"] if t["task"] == sys.argv[2]]
+if not entry:
+    raise SystemExit(f"EVAL_TASKS: {sys.argv[2]} is not a task of {sys.argv[1]}")
 yaml.safe_dump({"name": f"{suite['name']}-{sys.argv[2]}", "limit": suite.get("limit"), "tasks": entry},
                open(sys.argv[3], "w"))
 PY
   rc=0
-  timeout --signal=TERM --kill-after=30 "$(left)" "$XD" evaluate "$STUDENT" "$TEACHER_NAME" \
-    --suite "$dir/suite.yaml" --out_dir "$dir" --limit "$EVAL_LIMIT" --batch_size "$EVAL_BATCH" || rc=$?
+  if [[ $EVAL_SIDE == teacher ]]; then  # the same cache entry `evaluate` looks up for this task's suite
+    timeout --signal=TERM --kill-after=30 "$(left)" "$PY" -c 'import sys
+from lit_xdistill.eval.harness import teacher_results
+teacher_results(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "cuda" if __import__("torch").cuda.is_available() else "cpu")
+print(f"[smollm2] teacher scores of {sys.argv[2]} cached")' "$TEACHER_NAME" "$dir/suite.yaml" "$EVAL_LIMIT" "$EVAL_BATCH" || rc=$?
+  else
+    timeout --signal=TERM --kill-after=30 "$(left)" "$XD" evaluate "$STUDENT" "$TEACHER_NAME" \
+      --suite "$dir/suite.yaml" --out_dir "$dir" --limit "$EVAL_LIMIT" --batch_size "$EVAL_BATCH" || rc=$?
+  fi
   if [[ $rc == 124 || $rc == 137 ]]; then
     echo "[smollm2] eval $task: piece ended at the time limit (teacher scores are kept); run again"
     exit $AGAIN
   fi
   (( rc == 0 )) || exit "$rc"
 done
+[[ $EVAL_SIDE == teacher ]] && { echo "[smollm2] teacher scores cached: ${EVAL_TASKS:-$tasks}"; exit 0; }
+missing=$(for task in $tasks; do [[ -f $EVAL/tasks/$task/student.json ]] || echo -n "$task "; done)
+[[ -z $missing ]] || { echo "[smollm2] eval part done; tasks left to another process: $missing"; exit 0; }
 # merge the per-task lm-eval results into one file per model, then one Win-and-Tie report over the suite
 "$PY" - "$EVAL" $tasks <<'PY'
 import json, sys

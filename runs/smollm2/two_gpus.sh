@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole recipe on one machine with two GPUs, in a background process that outlives the device's 10-minute
+# command limit (a machine is held up to 30 minutes). The teacher's suite scores do not depend on training, so
+# GPU 1 computes them while GPU 0 caches logits and trains; then both GPUs evaluate the student, each on half
+# of the suite's time (MMLU alone is about half: docs/evaluation.md); then held-out perplexity and plots.
+#
+#   GPU 0: 00_cache_logits -> 10_align -> 20_kd -> student on the tasks other than MMLU
+#   GPU 1: teacher on the tasks other than MMLU, then MMLU -> student on MMLU (after 20_kd)
+#   then:  30_eval (merge, Win-and-Tie report, held-out perplexity) -> 40_plots
+#
+# On the device machine, after the staging calls and `offline_bundle.sh unpack` (runs/smollm2/README.md):
+#   source runs/smollm2/device_env.sh && KD_CONFIGS=configs/smollm2/ablations/loss-0-1.yaml \
+#     ALIGN_STEPS=300 KD_STEPS=500 EVAL_LIMIT=0 EVAL_BATCH=64 bash runs/smollm2/two_gpus.sh start
+#   bash runs/smollm2/two_gpus.sh wait 540     # in later calls: waits, prints progress, collects into $DEVICE_OUT
+# Settings come from the environment as for all.sh (lib.sh); LATE_TASKS are the tasks split off to GPU 1.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=${OUT:-$here/../smollm2-out}
+LOG=$OUT/two_gpus.log
+LATE_TASKS=${LATE_TASKS:-mmlu}
+
+run_all() {
+  set -e
+  local suite=${EVAL_SUITE:-$here/../../configs/eval/default.yaml} early
+  early=$(python3 -c 'import sys, yaml; late = sys.argv[2].split()
+print(" ".join(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"] if t["task"] not in late))' \
+    "$suite" "$LATE_TASKS")
+  step() { echo "=== $(date -u +%T) GPU $1: ${*:2}"; }
+  # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; then it resumes)
+  until_done() { local rc; while :; do rc=0; "$@" || rc=$?; (( rc == 75 )) || return $rc; done; }
+  export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
+  ( export CUDA_VISIBLE_DEVICES=1
+    step 1 teacher scores: $early then $LATE_TASKS
+    EVAL_SIDE=teacher EVAL_TASKS="$early $LATE_TASKS" until_done bash "$here/30_eval.sh"
+    while [[ ! -f $OUT/kd/student/config.json ]]; do kill -0 $$ 2>/dev/null || exit 1; sleep 10; done  # $$: GPU 0's shell
+    step 1 student: $LATE_TASKS
+    EVAL_TASKS=$LATE_TASKS until_done bash "$here/30_eval.sh" ) &
+  local gpu1=$!
+  export CUDA_VISIBLE_DEVICES=0
+  for script in 00_cache_logits 10_align 20_kd; do
+    step 0 "$script"
+    until_done bash "$here/$script.sh"
+  done
+  # the teacher's early tasks are cached long before KD ends (~7 of ~14 minutes); evaluate computes any that is not
+  step 0 student: "$early"
+  EVAL_TASKS=$early until_done bash "$here/30_eval.sh"
+  wait "$gpu1"
+  step 0 merge, report, held-out perplexity
+  until_done bash "$here/30_eval.sh"
+  step 0 plots
+  until_done bash "$here/40_plots.sh"
+  echo RECIPE-DONE
+}
+
+case ${1:-} in
+  start)
+    mkdir -p "$OUT"
+    export -f run_all
+    export here OUT LATE_TASKS
+    setsid nohup bash -c 'run_all || echo "RECIPE-FAILED (exit status $?)"' > "$LOG" 2>&1 < /dev/null &
+    echo "recipe started in the background: $LOG"
+    ;;
+  run)  # the same in the foreground (a machine held long enough, or a test)
+    run_all
+    ;;
+  wait)
+    end=$((SECONDS + ${2:-540}))
+    while (( SECONDS < end )) && ! grep -qE 'RECIPE-(DONE|FAILED)' "$LOG"; do sleep 10; done
+    grep -E '^===|RECIPE-|\[smollm2\]|Error|error:' "$LOG" | tail -40
+    source "$here/device_env.sh"  # collect(): reports, eval results, plots, TensorBoard events -> $DEVICE_OUT
+    collect
+    cp "$LOG" "$DEVICE_OUT/"
+    ;;
+  *) echo "usage: $0 start | run | wait [seconds]" >&2; exit 2 ;;
+esac
