@@ -2,46 +2,68 @@
 # One device machine, several benchmarks back to back in a background process that outlives the 10-minute
 # command limit (the machine is held up to 30 minutes; each call polls and collects). Every comparison runs
 # whole in one process on this card: teacher and student rows of one table are never merged across machines.
-# Rows already measured on this machine are kept when a piece is repeated (--resume).
 #
 #   call 1: carry .stage1:  mkdir -p /root/stage1 && cp .stage1/* /root/stage1/
-#   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start
+#   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start JOB...
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 #
-# The queue, most needed first (a machine is held 30 minutes at most): issue 9's SmolLM2 table (teacher, student,
-# and the student with its compiled decode step), with profiles of prefill and a decode step at 4k and 64k; issue 4's
-# stage II eager and with compiled blocks, profiled; a memory snapshot of the student's decode phase; the mLSTM
-# kernels with a state-tile sweep (issue 3); the Llama-3.1-8B shape at the targets' points; the GPU-marked tests.
-# The teacher's decode step is compiled anew for every (context, batch) point (~45 s each, its cache length
-# differs); the student's once per batch size.
+# Jobs, run in the order given (rough H100 minutes in brackets; the teacher's decode step is compiled anew for
+# every (context, batch) point, ~45 s each, because its cache length differs; the student's once per batch size):
+#   memory      SmolLM2 students (eager and compiled decode step), 1k-64k x batch 1/8/32: decode memory after
+#               the cache-leak fix, against the fifth session's same-process table (issue 9)            [5]
+#   gpu-tests   the GPU-marked tests of kernels and inference                                           [2]
+#   llama8b     Llama-3.1-8B shape, teacher + students, 4k/32k/64k x batch 1/8 (issue 9)                [10]
+#   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")            [4]
+#   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps (issue 3)               [5]
+#   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
+#   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
+#   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=/root/bench
+
+job() {
+  local B="python3 runs/benchmarks/bench_inference.py" S="--models teacher student student_compiled --resume"
+  case $1 in
+    memory) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 \
+              --models student student_compiled --out $ROOT/memory ;;
+    gpu-tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference ;;
+    llama8b) $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out $ROOT/llama8b ;;
+    ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
+    kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
+               --state-blocks 16,32,64 --launch-sweep ;;
+    smollm2) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out $ROOT/smollm2 \
+               --profile 4096 65536 ;;
+    stage2) python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks \
+              --profile --out $ROOT/stage2.md ;;
+    snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
+                --out $ROOT/snapshot ;;
+    *) echo "unknown job $1" >&2; return 2 ;;
+  esac
+}
+
 case ${1:-} in
   start)
+    shift
+    (( $# )) || { echo "name the jobs to run (see the header)" >&2; exit 2; }
+    for j in "$@"; do grep -q "^    $j)" "$0" || { echo "unknown job $j" >&2; exit 2; }; done
     mkdir -p "$ROOT"
     source runs/smollm2/device_env.sh >/dev/null
-    export OMP_NUM_THREADS=8
+    export OMP_NUM_THREADS=8 ROOT
+    export -f job
     setsid nohup bash -c '
-      B="python3 runs/benchmarks/bench_inference.py"
-      run() { echo "=== $(date -u +%T) $*"; "$@"; echo "=== rc=$? $(date -u +%T)"; }
-      S="--models teacher student student_compiled --resume"
-      run $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out '$ROOT'/smollm2 --profile 4096 65536
-      run python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks --profile --out '$ROOT'/stage2.md
-      run $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot --out '$ROOT'/smollm2-memory
-      mkdir -p '$ROOT'/kernels && run python3 kernels/benchmarks/bench_mlstm.py --out '$ROOT'/kernels --state-blocks 16,32,64
-      run $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out '$ROOT'/llama8b
-      run python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference
+      for j in "$@"; do echo "=== $(date -u +%T) $j"; job "$j"; echo "=== rc=$? $(date -u +%T)"; done
       echo QUEUE-DONE
-    ' > "$ROOT/queue.log" 2>&1 < /dev/null &
-    echo "queue started: $ROOT/queue.log"
+    ' queue "$@" > "$ROOT/queue.log" 2>&1 < /dev/null &
+    echo "queue started ($*): $ROOT/queue.log"
     ;;
   wait)
     end=$((SECONDS + ${2:-540}))
     while (( SECONDS < end )) && ! grep -q QUEUE-DONE "$ROOT/queue.log"; do sleep 10; done
-    grep -E '^(===|\{)|Error|error' "$ROOT/queue.log" | tail -60
+    grep -E '^(===|\{)|Error|error|passed|failed' "$ROOT/queue.log" | tail -60
     out=${DEVICE_OUT:-$OUT}
-    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md stage2.md kernels/bench_mlstm.* 2>/dev/null) queue.log)
+    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
+       stage2.md kernels/bench_mlstm.* 2>/dev/null) queue.log)
     ;;
-  *) echo "usage: $0 start | wait [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 start JOB... | wait [seconds]" >&2; exit 2 ;;
 esac
