@@ -71,7 +71,7 @@ def _fwd_states(
     cf_ptr, nf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) final state, fp32
     NH, S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
@@ -91,7 +91,9 @@ def _fwd_states(
         m = tl.full([], FRESH_M, tl.float32)
     if (kb == 0) & (vb == 0):
         tl.store(ms_ptr + bh * (NC + 1), m)
-    for c in range(NC):
+    # Only C, n, m carry over between chunks: chunk c+1's loads do not depend on chunk c, so the pipeliner may
+    # issue them while chunk c computes (NUM_STAGES, see _config).
+    for c in tl.range(NC, num_stages=NUM_STAGES):
         tl.store(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
                  C.to(cs_ptr.dtype.element_ty))
         if vb == 0:
@@ -217,6 +219,7 @@ def _bwd_states(
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
@@ -227,7 +230,7 @@ def _bwd_states(
     else:
         dC = tl.zeros((BK, BV), dtype=tl.float32)
         dn = tl.zeros((BK,), dtype=tl.float32)
-    for i in range(NC):
+    for i in tl.range(NC, num_stages=NUM_STAGES):  # as in _fwd_states, only dC and dn carry over
         c = NC - 1 - i
         tl.store(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
                  dC.to(dcs_ptr.dtype.element_ty))
@@ -353,7 +356,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"mlstm triton: state_block must be a power of two >= 16, got {tile}")
     return dict(L=L, BK=min(64, DQK), BKS=min(tile, DQK), BVS=min(tile, DV),
-                PREC="ieee" if dtype == torch.float32 else "tf32")
+                PREC="ieee" if dtype == torch.float32 else "tf32", NUM_STAGES=None)
 
 
 def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
@@ -392,7 +395,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
         init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
         _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
             k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, NH, S, NC,
-            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, num_warps=4, **flags)
+            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, NUM_STAGES=cfg["NUM_STAGES"], num_warps=4,
+            **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -432,7 +436,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
-            num_warps=4, **flags)
+            NUM_STAGES=cfg["NUM_STAGES"], num_warps=4, **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
         _bwd_grads[(NC, B * NH)](
