@@ -1,7 +1,7 @@
 """Chunkwise-parallel mLSTM in Triton: forward and backward behind one torch.autograd.Function.
 
 Same semantics as reference.py (stabilised mLSTM, documents reset the state, initial/final state). The
-sequence is cut into chunks of L positions. Four kernels, each program owning one (batch, head):
+sequence is cut into chunks of L positions. Five kernels, each program owning one (batch, head):
 
   forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk
            _fwd_output   parallel over chunks: h = intra-chunk quadratic part + inter-chunk part from the
@@ -9,7 +9,11 @@ sequence is cut into chunks of L positions. Four kernels, each program owning on
   backward _bwd_dden     parallel: the gradient dden of the normaliser per position
            _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk
            _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position, from which the
-                         gate gradients follow (see _gate_grads)
+                         gate gradients follow (see _gate_grads); optionally as two launches, dq/dk and dv
+                         (split_bwd)
+
+Launch settings of every kernel (warps, pipelining depths, the split) come from _config; _launch_overrides is
+the private hook through which the benchmark sweeps them.
 
 Backward semantics: m is a constant stabiliser (detached, as in the reference); everything else is
 differentiated exactly, the normaliser n and the |n^T q| branch of max(|n^T q|, exp(-m)) included. This is
@@ -18,6 +22,9 @@ docs/kernels.md derives the formulas and counts FLOPs and bytes.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -265,8 +272,11 @@ def _bwd_grads(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, HAS_DOC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
 ):
+    """DO_DQDK: dq, dk, q.dq and k.dk, which need the L x L matrix dS; DO_DV: dv, which needs S. Both (one
+    kernel) or one per launch (split_bwd in _config): then each compiled kernel holds one of the two L x L
+    tiles besides P, and unneeded loads are dropped; docs/kernels.md counts registers and bytes."""
     c, bh = tl.program_id(0), tl.program_id(1)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
@@ -278,74 +288,110 @@ def _bwd_grads(
     rows = (bh * S + offs)[:, None]
     qkv_mask = valid[:, None]
 
-    qk = tl.zeros((L, L), dtype=tl.float32)
-    dhv = tl.zeros((L, L), dtype=tl.float32)
-    for kb in tl.static_range(DQK // BK):
-        ok = kb * BK + tl.arange(0, BK)
-        q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-        k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
-    for vb in tl.static_range(DV // BV):
-        ov = vb * BV + tl.arange(0, BV)
-        dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-        v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-        dhv += tl.dot(dh, tl.trans(v), input_precision=PREC)
-    Smat = qk * P  # S_ij = q_i.k_j P_ij
-    dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
-
-    qdq = tl.zeros((L,), dtype=tl.float32)
-    kdk = tl.zeros((L,), dtype=tl.float32)
-    for kb in tl.static_range(DQK // BK):
-        ok = kb * BK + tl.arange(0, BK)
-        q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-        k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-        n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
-        dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
-        dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
-        dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
-        dq_inter = tl.zeros((L, BK), dtype=tl.float32)
-        dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+    # Interleaved blocks keep the fused kernel's operation order, and so its code, as measured before the split.
+    if DO_DV:
+        qk = tl.zeros((L, L), dtype=tl.float32)
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    if DO_DQDK:
+        dhv = tl.zeros((L, L), dtype=tl.float32)
         for vb in tl.static_range(DV // BV):
             ov = vb * BV + tl.arange(0, BV)
             dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
             v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-            C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-            dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-            dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
-            dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
-        dq += (s_inter * rz)[:, None] * dq_inter
-        dk += w[:, None] * (dk_inter + dn[None, :])
-        tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
-        tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
-        qdq += tl.sum(q.to(tl.float32) * dq, 1)
-        kdk += tl.sum(k.to(tl.float32) * dk, 1)
-    tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
-    tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
-
-    for vb in tl.static_range(DV // BV):
-        ov = vb * BV + tl.arange(0, BV)
-        dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-        dnum = (dh.to(tl.float32) * rz[:, None]).to(dh.dtype)
-        dv = tl.dot(tl.trans(Smat).to(dh.dtype), dnum, input_precision=PREC)
-        dv_inter = tl.zeros((L, BV), dtype=tl.float32)
+            dhv += tl.dot(dh, tl.trans(v), input_precision=PREC)
+    if DO_DV:
+        Smat = qk * P  # S_ij = q_i.k_j P_ij
+    if DO_DQDK:
+        dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
+        qdq = tl.zeros((L,), dtype=tl.float32)
+        kdk = tl.zeros((L,), dtype=tl.float32)
         for kb in tl.static_range(DQK // BK):
             ok = kb * BK + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
             k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-            dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-            dv_inter += tl.dot(k, dC.to(k.dtype), input_precision=PREC)
-        dv += w[:, None] * dv_inter
-        tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
+            n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+            dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+            dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
+            dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
+            dq_inter = tl.zeros((L, BK), dtype=tl.float32)
+            dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+            for vb in tl.static_range(DV // BV):
+                ov = vb * BV + tl.arange(0, BV)
+                dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+                dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+            dq += (s_inter * rz)[:, None] * dq_inter
+            dk += w[:, None] * (dk_inter + dn[None, :])
+            tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+            tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+            qdq += tl.sum(q.to(tl.float32) * dq, 1)
+            kdk += tl.sum(k.to(tl.float32) * dk, 1)
+        tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
+        tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
+    if DO_DV:
+        for vb in tl.static_range(DV // BV):
+            ov = vb * BV + tl.arange(0, BV)
+            dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+            dnum = (dh.to(tl.float32) * rz[:, None]).to(dh.dtype)
+            dv = tl.dot(tl.trans(Smat).to(dh.dtype), dnum, input_precision=PREC)
+            dv_inter = tl.zeros((L, BV), dtype=tl.float32)
+            for kb in tl.static_range(DQK // BK):
+                ok = kb * BK + tl.arange(0, BK)
+                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                dv_inter += tl.dot(k, dC.to(k.dtype), input_precision=PREC)
+            dv += w[:, None] * dv_inter
+            tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
+
+
+_KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv")
+_FLAGS = ("split_bwd", "gates_fp32")
+_LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
+
+
+@contextlib.contextmanager
+def _launch_overrides(**overrides: bool | dict[str, int | None]) -> Iterator[None]:
+    """Private hook for bench_mlstm.py --launch-sweep and the tests, not an API: inside the block, _config
+    applies `overrides` to its launch settings, e.g. `_launch_overrides(split_bwd=True,
+    bwd_states={"NUM_STAGES": 3})`. A kernel's dict updates that kernel's entry; unknown names raise (in
+    _config). The block's overrides replace, not extend, those of an enclosing block; not thread-safe."""
+    saved = dict(_LAUNCH_OVERRIDES)
+    _LAUNCH_OVERRIDES.clear()
+    _LAUNCH_OVERRIDES.update(overrides)
+    try:
+        yield
+    finally:
+        _LAUNCH_OVERRIDES.clear()
+        _LAUNCH_OVERRIDES.update(saved)
 
 
 def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
             state_block: int | None = None) -> dict:
-    """Chunk length L and block sizes. Default L (measured on an H100, docs/benchmarks.md): 128 for long
-    sequences with head dims <= 128 (half the sequential steps of the state kernels, which dominate there),
-    64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences have few steps).
+    """Chunk length L, block sizes and every kernel's launch settings. Default L (measured on an H100,
+    docs/benchmarks.md): 128 for long sequences with head dims <= 128 (half the sequential steps of the state
+    kernels, which dominate there), 64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and
+    short sequences have few steps).
 
     The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
     (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
-    B x NH = 18 at head dim 64, a 64-tile leaves most of a 132-SM card idle (docs/benchmarks.md)."""
+    B x NH = 18 at head dim 64, a 64-tile leaves most of a 132-SM card idle (docs/benchmarks.md).
+
+    Launch settings, one dict per kernel (passed to its launch as is): Triton's num_warps and num_stages (3 is
+    Triton's default on CUDA; it only acts on scf.for loops, i.e. the state kernels' chunk loop, since the
+    other kernels' static_range loops are unrolled), and for the two state kernels NUM_STAGES, the
+    software-pipelining depth of tl.range over chunks (None: no annotation, the loop follows num_stages).
+    Flags: split_bwd runs _bwd_grads as two launches, bwd_dqdk and bwd_dv, each holding one L x L tile;
+    gates_fp32 casts the gates to fp32 before the kernels, because a bf16 gate vector of L <= 128 elements
+    gives each of 128+ threads under 4 bytes, which no cp.async can load, so the pipeliner leaves those loads
+    synchronous on the state kernels' chain (triton 3.6, sm_90; docs/kernels.md). The defaults are the
+    measured configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
@@ -355,8 +401,24 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     tile = state_block or 64
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"mlstm triton: state_block must be a power of two >= 16, got {tile}")
-    return dict(L=L, BK=min(64, DQK), BKS=min(tile, DQK), BVS=min(tile, DV),
-                PREC="ieee" if dtype == torch.float32 else "tf32", NUM_STAGES=None)
+    BVO = min(128, DV)
+
+    def launch(num_warps: int, **extra: int | None) -> dict:
+        return dict(num_warps=num_warps, num_stages=3, **extra)
+
+    cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
+               PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=False, gates_fp32=False,
+               fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
+               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=None), bwd_grads=launch(8),
+               bwd_dqdk=launch(8), bwd_dv=launch(8))
+    for key, value in _LAUNCH_OVERRIDES.items():
+        if key in _FLAGS and isinstance(value, bool):
+            cfg[key] = value
+        elif key in _KERNELS and isinstance(value, dict) and set(value) <= set(cfg[key]):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            raise ValueError(f"mlstm triton: unknown launch override {key}={value!r}")
+    return cfg
 
 
 def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
@@ -380,30 +442,30 @@ class _MLSTMChunkwise(torch.autograd.Function):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         cfg = _config(S, DQK, DV, q.dtype, chunk_size, state_block)
-        L, BK = cfg["L"], cfg["BK"]
+        L, BKs, BVs = cfg["L"], cfg["BKS"], cfg["BVS"]
         NC = triton.cdiv(S, L)
         dev = q.device
+        ctx.gate_dtypes = igate.dtype, fgate.dtype
+        if cfg["gates_fp32"]:  # the kernels upcast every gate at once, so this changes no result
+            igate, fgate = igate.float(), fgate.float()
         flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
         cs = torch.empty(B * NH, NC, DQK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(B * NH, NC, DQK, device=dev, dtype=torch.float32)
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
         Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
         nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
-        BKs, BVs = cfg["BKS"], cfg["BVS"]
         # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
         doc_arg = doc if doc is not None else ms
         init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
         _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
             k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, NH, S, NC,
-            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, NUM_STAGES=cfg["NUM_STAGES"], num_warps=4,
-            **flags)
+            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, **cfg["fwd_states"], **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
-        BVo = min(128, DV)
-        _fwd_output[(NC, B * NH, DV // BVo)](
+        _fwd_output[(NC, B * NH, DV // cfg["BVO"])](
             q, k, v, igate, fgate, doc_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=BK, BV=BVo, num_warps=8 if L * BVo > 4096 else 4, **flags)
+            DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
         ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
         mf = ms.view(B, NH, NC + 1)[..., NC].clone()
@@ -414,7 +476,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
     def backward(ctx, dh, dCf, dnf, _dmf):
         q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
         cfg, eps = ctx.cfg, ctx.eps
-        L, BK = cfg["L"], cfg["BK"]
+        L, BK, BV = cfg["L"], cfg["BK"], cfg["BV"]
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         NC = ms.shape[1] - 1
@@ -427,28 +489,32 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dcs, dns, dden = torch.empty_like(cs), torch.empty_like(ns), torch.empty_like(den)
         dC0 = torch.empty_like(Cf) if ctx.has_init else None
         dn0 = torch.empty_like(nf) if ctx.has_init else None
-        BV = min(64, DV)
         doc_arg = doc if doc is not None else ms  # stand-ins for absent optional tensors, never read
         dfinal = (dCf, dnf) if has_dfinal else (Cf, nf)
         dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
         _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
-                                                 num_warps=4)
+                                                 **cfg["bwd_dden"])
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
-            NUM_STAGES=cfg["NUM_STAGES"], num_warps=4, **flags)
+            **cfg["bwd_states"], **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
-        _bwd_grads[(NC, B * NH)](
-            q, k, v, dh, igate, fgate, doc_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
-            NH, S, NC, eps, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, num_warps=8, **flags)
+        args = (q, k, v, dh, igate, fgate, doc_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
+                NH, S, NC, eps)
+        split = [(True, False, "bwd_dqdk"), (False, True, "bwd_dv")]
+        for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
+            _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
+                                     **cfg[launch], **flags)
         d_final = (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1) if has_dfinal else None
         dig, dfg = _gate_grads(qdq, kdk, doc, fgate, d_final)
-        return dq, dk, dv, dig.to(igate.dtype), dfg, dC0, dn0, None, None, None, None, None
+        ig_dtype, fg_dtype = ctx.gate_dtypes
+        return dq, dk, dv, dig.to(ig_dtype), dfg.to(fg_dtype), dC0, dn0, None, None, None, None, None
 
 
 def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: Tensor | None):
-    """Gate gradients from q.dq and k.dk per position (B,NH,S).
+    """Gate gradients (digate, dfgate) from q.dq and k.dk per position (B,NH,S), in their fp32/fp64; the caller
+    casts them to the gates' dtypes.
 
     Every key enters the outputs and states as k_j exp(igate_j - b_j) and every query as q_i exp(b_i), with
     b the cumulative log forget gate, so dL/digate_j = k_j.dk_j and dL/db_t = q_t.dq_t - k_t.dk_t (+ C.dC +
@@ -465,8 +531,7 @@ def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: T
         starts = torch.zeros_like(doc, dtype=torch.bool)
         starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
         dlf = dlf.masked_fill(starts[:, None], 0.0)
-    dfg = (dlf * torch.sigmoid(-fgate.to(dlf.dtype))).to(fgate.dtype)
-    return kdk, dfg
+    return kdk, dlf * torch.sigmoid(-fgate.to(dlf.dtype))
 
 
 def mlstm_triton(

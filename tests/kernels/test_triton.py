@@ -5,12 +5,20 @@ error ||x - ref|| / ||ref||: float32 arithmetic over at most a few hundred accum
 near 1e-6 (measured: <= 3e-6), so 5e-5 flags any real mistake (a wrong decay or mask moves it to >1e-2)
 while leaving room for rounding. GPU tests (marked) run realistic sizes in bf16; their tolerance is
 explained there.
+
+Every launch variant of the Triton path (kernels/chunkwise_triton.py, _config) runs through the same checks:
+the split backward is other compiled code; pipelining depths, warps and fp32 gates change only how the
+kernels are scheduled and loaded (the interpreter ignores them), so on CPU they check the launch plumbing and
+on a GPU the compiled code.
 """
+
+import contextlib
 
 import pytest
 import torch
 from mlstm_inputs import loss_and_grads, make_inputs
 from xdistill_kernels import mlstm, mlstm_fresh_state, mlstm_step
+from xdistill_kernels.chunkwise_triton import _launch_overrides
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,8 +43,20 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+# name -> _launch_overrides arguments; "default" is the configuration mlstm() runs.
+VARIANTS = {
+    "default": {},
+    "pipelined": dict(gates_fp32=True, fwd_states={"NUM_STAGES": 2}, bwd_states={"NUM_STAGES": 3, "num_warps": 8}),
+    "split": dict(split_bwd=True, bwd_dqdk={"num_warps": 4}),
+}
+
+
+def _launch(variant):
+    return _launch_overrides(**VARIANTS[variant]) if VARIANTS[variant] else contextlib.nullcontext()
+
+
 def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gate_scale=1.0, seed=0,
-                            state_block=None):
+                            state_block=None, variant="default"):
     B, NH, S, DQK, DV = shape
     tensors, seg, state = make_inputs(B, NH, S, DQK, DV, dtype=dtype, device=DEVICE, with_state=with_state,
                                       n_docs=n_docs, gate_scale=gate_scale, seed=seed)
@@ -44,7 +64,8 @@ def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gat
         with torch.no_grad():
             tensors[3].clamp_(-30, 30)
             tensors[4].clamp_(-30, 30)
-    out = loss_and_grads(_fn("triton", chunk, state_block=state_block), tensors, seg, state)
+    with _launch(variant):  # the backward runs inside too; it reuses the forward's configuration anyway
+        out = loss_and_grads(_fn("triton", chunk, state_block=state_block), tensors, seg, state)
     ref = loss_and_grads(_fn("parallel"), *_as_double(tensors, state)[:1], seg, _as_double(tensors, state)[1])
     names = ["h", "C", "n", "m", "dq", "dk", "dv", "digate", "dfgate", "dC0", "dn0"]
     values = [out[0], *out[1], *out[2]]
@@ -68,22 +89,48 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape,chunk,with_state,n_docs", CPU_CASES)
-def test_triton_matches_reference_fp32(shape, chunk, with_state, n_docs):
-    check_against_reference(shape, chunk, dtype=torch.float32, tol=5e-5, with_state=with_state, n_docs=n_docs)
+def test_triton_matches_reference_fp32(shape, chunk, with_state, n_docs, variant):
+    check_against_reference(shape, chunk, dtype=torch.float32, tol=5e-5, with_state=with_state, n_docs=n_docs,
+                            variant=variant)
 
 
-def test_triton_state_kernels_split_into_small_tiles_fp32():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_state_kernels_split_into_small_tiles_fp32(variant):
     """state_block=16 splits each head's 32 x 32 state over four programs of the sequential state kernels
     (forward and backward): documents, an initial state and a ragged last chunk still equal the reference."""
     check_against_reference((2, 1, 45, 32, 32), 16, dtype=torch.float32, tol=5e-5, with_state=True, n_docs=3,
-                            state_block=16)
+                            state_block=16, variant=variant)
 
 
-def test_triton_extreme_gates_fp32():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_extreme_gates_fp32(variant):
     """Gate pre-activations in -30..30: finite and still equal to the reference."""
     check_against_reference((1, 2, 40, 16, 16), 16, dtype=torch.float32, tol=5e-5, with_state=True,
-                            n_docs=4, gate_scale=10.0)
+                            n_docs=4, gate_scale=10.0, variant=variant)
+
+
+def test_triton_fp32_gates_change_nothing():
+    """gates_fp32 casts bf16 gates up before the kernels, which upcast every gate they load anyway: outputs and
+    gradients are bitwise those of the default, and the gate gradients keep the gates' dtype."""
+    tensors, seg, state = make_inputs(2, 1, 37, 16, 16, dtype=torch.float32, device=DEVICE, with_state=True,
+                                      n_docs=3)
+    tensors[3:] = [x.detach().bfloat16().requires_grad_() for x in tensors[3:]]
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    default = flat(loss_and_grads(_fn("triton", 16), tensors, seg, state))
+    with _launch_overrides(gates_fp32=True):
+        cast = flat(loss_and_grads(_fn("triton", 16), tensors, seg, state))
+    assert default[7].dtype == default[8].dtype == torch.bfloat16  # digate, dfgate
+    for x, y in zip(default, cast):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_triton_rejects_unknown_launch_override():
+    tensors, _, _ = make_inputs(1, 1, 8, 16, 16, dtype=torch.float32, device=DEVICE)
+    for bad in (dict(bwd_grads={"num_warp": 4}), dict(bwd_gradz={"num_warps": 4}), dict(split_bwd=1)):
+        with _launch_overrides(**bad), pytest.raises(ValueError, match="unknown launch override"):
+            mlstm(*tensors, backend="triton")
 
 
 def test_step_kernel_matches_reference():
@@ -123,10 +170,11 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape,chunk,with_state,n_docs", GPU_CASES)
-def test_triton_matches_reference_bf16_gpu(shape, chunk, with_state, n_docs):
+def test_triton_matches_reference_bf16_gpu(shape, chunk, with_state, n_docs, variant):
     check_against_reference(shape, chunk, dtype=torch.bfloat16, tol=2e-2, with_state=with_state,
-                            n_docs=n_docs)
+                            n_docs=n_docs, variant=variant)
 
 
 @pytest.mark.gpu
