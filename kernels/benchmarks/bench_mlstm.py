@@ -8,6 +8,8 @@ ours also with 8 documents per row; the hybrid mixer (ours + attention(window=51
 gate) against SDPA causal; the decode step kernel's bandwidth. Checks ours against a float32 torch
 reference first. Inputs: q, k, v ~ N(0,1) (q, k scaled by D**-0.5), igate ~ N(0,1), fgate ~ N(3,1);
 the backward gets a fixed random upstream gradient.
+
+    python kernels/benchmarks/bench_mlstm.py --out $OUT --launch-sweep   # also times LAUNCH_GRID per shape
 """
 
 from __future__ import annotations
@@ -24,10 +26,29 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 from xdistill_kernels import attention, mlstm, mlstm_fresh_state, mlstm_step
+from xdistill_kernels.chunkwise_triton import _launch_overrides
 from xdistill_kernels.reference import mlstm_chunkwise
 
 SHAPES = [(1, 32, 4096, 128), (1, 32, 16384, 128), (1, 32, 65536, 128), (8, 9, 4096, 64), (2, 9, 16384, 64)]
 PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
+
+# --launch-sweep: "group:setting" -> overrides of ours' launch settings (kernels/chunkwise_triton.py, _config),
+# each timed against the default with the rest left as is. The groups change disjoint settings, mostly of
+# different kernels (fp32 gates are also read by _fwd_output and _bwd_grads), so their effects on the total
+# roughly add up: the best entry of each group is combined and timed too ("best").
+# states: pipelining of the sequential kernels' chunk loops; fp32 gates are what lets them prefetch the gate
+# loads (docs/kernels.md). grads: the backward's dq/dk/dv kernel fused or split, and its warps (the split
+# halves spill nothing at 8 warps except dq/dk at L = 128, D = 128; 4 warps spill at L = 128).
+LAUNCH_GRID = {
+    "states:bwd_ns3": {"bwd_states": {"NUM_STAGES": 3}},
+    "states:f32": {"gates_fp32": True},
+    "states:f32_bwd_ns3": {"gates_fp32": True, "bwd_states": {"NUM_STAGES": 3}},
+    "grads:split": {"split_bwd": True},
+    "grads:split_dv4": {"split_bwd": True, "bwd_dv": {"num_warps": 4}},
+    "grads:split_w4": {"split_bwd": True, "bwd_dqdk": {"num_warps": 4}, "bwd_dv": {"num_warps": 4}},
+    "fwd_output:w4": {"fwd_output": {"num_warps": 4}},
+    "fwd_output:w8": {"fwd_output": {"num_warps": 8}},
+}
 
 
 def make(B, NH, S, D, seed=0, docs=0):
@@ -102,10 +123,50 @@ def peer_kernel(name):
         return None
 
 
-def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=()):
+def launch_sweep(row, q, k, v, ig, fg, dh, names):
+    """Time ours at the default chunk size under each LAUNCH_GRID entry in `names`, then the best entry of
+    each group together. Each entry's h and gradients must equal the default's (relative L2 < 1e-2: the
+    settings change no arithmetic, the split only the fp32 summation order) before it is timed."""
+    leaves = [q, k, v, ig, fg]
+    ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
+
+    def outputs():
+        h = ours()
+        return [h.detach(), *torch.autograd.grad(h, leaves, dh)]
+
+    def timed(name, overrides):
+        print(f"{row['shape']} launch {name} {json.dumps(overrides)}", flush=True)  # names a crash's culprit
+        with _launch_overrides(**overrides):
+            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(outputs(), ref))
+            assert err < 1e-2, f"launch {name}: relative difference {err:.1e} from the default"
+            t = fwd_bwd(ours, leaves, dh)()
+        print(f"{row['shape']} launch {name}: {t:.3f} ms, max relative difference {err:.1e}", flush=True)
+        return t, err
+
+    ref = outputs()
+    times = {"default": fwd_bwd(ours, leaves, dh)()}
+    errs = {}
+    for name in names:
+        times[name], errs[name] = timed(name, LAUNCH_GRID[name])
+    best = {}
+    for group in dict.fromkeys(n.split(":")[0] for n in names):
+        winner = min((n for n in names if n.startswith(group + ":")), key=times.get)
+        if times[winner] < times["default"]:
+            assert not set(best) & set(LAUNCH_GRID[winner]), "LAUNCH_GRID groups must set disjoint keys"
+            best.update(LAUNCH_GRID[winner])
+    if best and best not in [LAUNCH_GRID[n] for n in names]:
+        times["best"], errs["best"] = timed("best", best)
+    name = min(times, key=times.get)
+    row["launch_sweep"] = {"ms": times, "max_rel_diff": errs, "best": name,
+                           "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
+
+
+def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=()):
     (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
+    if launch_names:
+        launch_sweep(row, q, k, v, ig, fg, dh, launch_names)
     for tile in state_blocks:  # the sequential state kernels' tile edge, at the default chunk size
         t = fwd_bwd(lambda tile=tile: mlstm(q, k, v, ig, fg, backend="triton", state_block=tile), leaves, dh)()
         row[f"ours_tile{tile}"] = t
@@ -200,6 +261,19 @@ def write_markdown(path, results, checks, device):
         for r in tiles:
             lines.append(f"- {r['shape']}: " + ", ".join(f"{k[9:]}: {r[k]:.3f}" for k in r
                                                          if k.startswith("ours_tile")))
+    sweeps = [r for r in results if "launch_sweep" in r]
+    if sweeps:
+        names = list(dict.fromkeys(n for r in sweeps for n in r["launch_sweep"]["ms"]))
+        lines += ["", "Launch sweep (ours at the default chunk size, ms; one group of settings changed at a time, "
+                  "best = the best entry of each group together; kernels/benchmarks/bench_mlstm.py LAUNCH_GRID):",
+                  "", "| (B, NH, S, D) | " + " | ".join(names) + " | fastest | its overrides | max rel. diff |",
+                  "|---" * (len(names) + 4) + "|"]
+        for r in sweeps:
+            sw = r["launch_sweep"]
+            cells = [f"{sw['ms'][n]:.3f}" if n in sw["ms"] else "-" for n in names]
+            speedup = sw["ms"]["default"] / sw["ms"][sw["best"]]
+            lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {sw['best']} ({speedup:.2f}x) | "
+                         f"`{json.dumps(sw['best_overrides'])}` | {max(sw['max_rel_diff'].values(), default=0):.1e} |")
     for r in results:
         if "step" in r:
             lines.append(f"- step kernel {r['step']} (B, NH, D): {r['ms'] * 1e3:.1f} us, "
@@ -217,9 +291,15 @@ def main():
     ap.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,3")
     ap.add_argument("--chunks", default="64,128", help="chunk sizes of ours to sweep")
     ap.add_argument("--state-blocks", default="", help="state-kernel tile edges of ours to sweep, e.g. 16,32,64")
+    ap.add_argument("--launch-sweep", nargs="?", const="all", default="",
+                    help="time ours under LAUNCH_GRID (all, or comma-separated names) and report the best per shape")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
     args = ap.parse_args()
+    launch_names = list(LAUNCH_GRID) if args.launch_sweep == "all" else [n for n in args.launch_sweep.split(",") if n]
+    unknown = set(launch_names) - set(LAUNCH_GRID)
+    if unknown:
+        ap.error(f"--launch-sweep: unknown names {sorted(unknown)}; known: {', '.join(LAUNCH_GRID)}")
     device = torch.cuda.get_device_name()
     checks, results = [], []
     check_correctness(checks)
@@ -230,7 +310,8 @@ def main():
     for shape in shapes:
         if args.profile:
             profile_ours(*shape)
-        bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t])
+        bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],
+                    launch_names)
         torch.cuda.empty_cache()
         write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
     bench_step(results)
