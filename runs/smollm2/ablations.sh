@@ -4,7 +4,8 @@
 # from the hybrid arm's stage-I student). Every arm is the recipe with configs/smollm2/ablations/small.yaml
 # and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
 # Writes $ABL_OUT/ablations.md: validation CE/KL (last validation of stage II) and α* (default suite,
-# first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe.
+# first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
+# hybrid arm and the loss arms on GPU 0 beside the other mixer arms on GPU 1.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ABL_OUT=${ABL_OUT:-$REPO/runs/smollm2-ablations}
@@ -16,23 +17,36 @@ export EXTRA_CONFIGS="$arms_dir/small.yaml ${EXTRA_CONFIGS:-}"
 export EVAL_LIMIT=${ABL_EVAL_LIMIT:-200}   # ~1 min per model on an H100 (docs/evaluation.md)
 
 OUT=$ABL_OUT/mixer-hybrid until_done "$here/00_cache_logits.sh"
-for mixer in hybrid swa-nosinks mlstm linear; do
-  arm=$ABL_OUT/mixer-$mixer
+# the teacher's suite scores once, before the arms (they share the cache `evaluate` reads)
+OUT=$ABL_OUT/mixer-hybrid EVAL_SIDE=teacher until_done "$here/30_eval.sh"
+
+mixer_arm() {  # its own stage I and stage II at 0.9/0.1
+  local mixer=$1 step
   for step in 10_align 20_kd 30_eval 40_plots; do
-    OUT=$arm EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-$mixer.yaml" KD_CONFIGS="$arms_dir/loss-0.9-0.1.yaml" \
-      until_done "$here/$step.sh"
+    OUT=$ABL_OUT/mixer-$mixer EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-$mixer.yaml" \
+      KD_CONFIGS="$arms_dir/loss-0.9-0.1.yaml" until_done "$here/$step.sh"
   done
-done
-for loss in 0.5-0.5 0-1; do
-  arm=$ABL_OUT/loss-$loss
+}
+loss_arm() {  # the hybrid arm's stage-I student; only the stage-II loss differs
+  local loss=$1 arm=$ABL_OUT/loss-$1 step
   mkdir -p "$arm"
-  # the same stage-I student as the hybrid arm: only the stage-II loss differs
   ln -sfn ../mixer-hybrid/align "$arm/align"
   for step in 20_kd 30_eval 40_plots; do
     OUT=$arm EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-hybrid.yaml" KD_CONFIGS="$arms_dir/loss-$loss.yaml" \
       until_done "$here/$step.sh"
   done
-done
+}
+lane_hybrid() { mixer_arm hybrid; loss_arm 0.5-0.5; loss_arm 0-1; }
+lane_other_mixers() { mixer_arm swa-nosinks; mixer_arm mlstm; mixer_arm linear; }
+if (( ${ABL_GPUS:-1} >= 2 )); then  # two lanes side by side, one GPU each (a 2-GPU machine: ~15 min, not ~26)
+  CUDA_VISIBLE_DEVICES=1 lane_other_mixers &
+  other=$!
+  CUDA_VISIBLE_DEVICES=0 lane_hybrid
+  wait "$other"
+else
+  lane_hybrid
+  lane_other_mixers
+fi
 
 "$PY" - "$ABL_OUT" "${EVAL_SUITE:-$REPO/configs/eval/default.yaml}" <<'PY'
 import json, sys
