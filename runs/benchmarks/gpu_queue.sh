@@ -6,6 +6,9 @@
 #   call 1: carry .stage1:  mkdir -p /root/stage1 && cp .stage1/* /root/stage1/
 #   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start JOB...
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
+# On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
+# `wait` waits for every lane. Each comparison still runs whole in one process on one card.
+#   LANE=0 bash runs/benchmarks/gpu_queue.sh start memory llama8b; LANE=1 bash ... start gpu-tests ctx128k kernels
 #
 # Jobs, run in the order given (rough H100 minutes in brackets; the teacher's decode step is compiled anew for
 # every (context, batch) point, ~45 s each, because its cache length differs; the student's once per batch size):
@@ -21,6 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=/root/bench
+LANE=${LANE:-}
 
 job() {
   local B="python3 runs/benchmarks/bench_inference.py" S="--models teacher student student_compiled --resume"
@@ -48,22 +52,26 @@ case ${1:-} in
     (( $# )) || { echo "name the jobs to run (see the header)" >&2; exit 2; }
     for j in "$@"; do grep -q "^    $j)" "$0" || { echo "unknown job $j" >&2; exit 2; }; done
     mkdir -p "$ROOT"
+    [[ -z $LANE ]] || export CUDA_VISIBLE_DEVICES=$LANE
     source runs/smollm2/device_env.sh >/dev/null
     export OMP_NUM_THREADS=8 ROOT
     export -f job
     setsid nohup bash -c '
       for j in "$@"; do echo "=== $(date -u +%T) $j"; job "$j"; echo "=== rc=$? $(date -u +%T)"; done
       echo QUEUE-DONE
-    ' queue "$@" > "$ROOT/queue.log" 2>&1 < /dev/null &
-    echo "queue started ($*): $ROOT/queue.log"
+    ' queue "$@" > "$ROOT/queue$LANE.log" 2>&1 < /dev/null &
+    echo "queue started ($*): $ROOT/queue$LANE.log"
     ;;
   wait)
     end=$((SECONDS + ${2:-540}))
-    while (( SECONDS < end )) && ! grep -q QUEUE-DONE "$ROOT/queue.log"; do sleep 10; done
-    grep -E '^(===|\{)|Error|error|passed|failed' "$ROOT/queue.log" | tail -60
+    running() { for log in "$ROOT"/queue*.log; do grep -q QUEUE-DONE "$log" || return 0; done; return 1; }
+    while (( SECONDS < end )) && running; do sleep 10; done
+    for log in "$ROOT"/queue*.log; do
+      echo "--- $log"; grep -E '^(===|\{)|Error|error|passed|failed' "$log" | tail -40
+    done
     out=${DEVICE_OUT:-$OUT}
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* 2>/dev/null) queue.log)
+       stage2.md kernels/bench_mlstm.* queue*.log 2>/dev/null))
     ;;
   *) echo "usage: $0 start JOB... | wait [seconds]" >&2; exit 2 ;;
 esac
