@@ -141,12 +141,29 @@ def test_cuda_graph_decoding_equals_eager_and_plain(dtype):
     kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0)
     plain = student.generate(prompt.cuda(), **kwargs)
     eager = student.generate(prompt.cuda(), cache=StaticHybridCache(batch_size=3, cuda_graph=False), **kwargs)
-    graph = student.generate(prompt.cuda(), cache_implementation="static", **kwargs)
+    # disable_compile: the graph of the eager step, which must replay it exactly (inductor may round differently)
+    graph = student.generate(prompt.cuda(), cache_implementation="static", disable_compile=True, **kwargs)
     cache = student.static_cache(3, 1)  # the one generate() used
     assert cache.graph is not None and cache.graph.graph is not None, "the decode step was not captured"
     assert torch.equal(graph, eager), "replaying the graph differs from running the same step eagerly"
     if dtype == torch.float32:  # bf16 may flip near-ties between the plain and the fast attention order
         assert torch.equal(graph, plain)
+
+
+@pytest.mark.gpu
+def test_static_generate_compiles_the_decode_step_on_cuda():
+    """generate(cache_implementation="static") compiles the step on CUDA (as transformers compiles a static-cache
+    forward), and it gives the eager fast path's greedy tokens (float32: no bf16 near-ties)."""
+    student = _student().cuda()
+    prompt, mask = _padded_prompt()
+    kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0)
+    eager = student.generate(prompt.cuda(), cache=StaticHybridCache(batch_size=3, cuda_graph=False), **kwargs)
+    compiled = student.generate(prompt.cuda(), cache_implementation="static", **kwargs)
+    cache = student.static_cache(3, 1, compile_step=True)  # the one generate() used
+    assert cache._compiled is not None and cache.graph.graph is not None
+    assert torch.equal(compiled, eager)
+    student.generate(prompt.cuda(), cache_implementation="static", disable_compile=True, **kwargs)
+    assert student.static_cache(3, 1)._compiled is None  # disable_compile gave an uncompiled cache
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
