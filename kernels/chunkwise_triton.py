@@ -262,6 +262,18 @@ def _bwd_states(
 
 
 @triton.jit
+def _row_dots(a_ptr, b_ptr, rows, mask, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+    """(L, L) fp32 a_i . b_j over the chunk's rows of two row-major (., D) tensors, D in BD-wide blocks."""
+    acc = tl.zeros((L, L), dtype=tl.float32)
+    for db in tl.static_range(D // BD):
+        od = db * BD + tl.arange(0, BD)
+        a = tl.load(a_ptr + rows * D + od[None, :], mask=mask, other=0.0)
+        b = tl.load(b_ptr + rows * D + od[None, :], mask=mask, other=0.0)
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _bwd_grads(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
     ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
@@ -290,19 +302,9 @@ def _bwd_grads(
 
     # Interleaved blocks keep the fused kernel's operation order, and so its code, as measured before the split.
     if DO_DV:
-        qk = tl.zeros((L, L), dtype=tl.float32)
-        for kb in tl.static_range(DQK // BK):
-            ok = kb * BK + tl.arange(0, BK)
-            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        qk = _row_dots(q_ptr, k_ptr, rows, qkv_mask, DQK, BK, L, PREC)
     if DO_DQDK:
-        dhv = tl.zeros((L, L), dtype=tl.float32)
-        for vb in tl.static_range(DV // BV):
-            ov = vb * BV + tl.arange(0, BV)
-            dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-            v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-            dhv += tl.dot(dh, tl.trans(v), input_precision=PREC)
+        dhv = _row_dots(dh_ptr, v_ptr, rows, qkv_mask, DV, BV, L, PREC)
     if DO_DV:
         Smat = qk * P  # S_ij = q_i.k_j P_ij
     if DO_DQDK:

@@ -157,7 +157,7 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             batch_size: rows B.
             max_cache_len: longest document a full-attention layer must hold (prompt plus new tokens).
             compile_step: compile the decode step with inductor before its CUDA-graph capture (2x the decode
-                tokens/s of the SmolLM2 student on an H100, docs/benchmarks.md; the first step pays ~1 min).
+                tokens/s of the SmolLM2 student on an H100, docs/benchmarks.md; the first step pays the compilation).
         """
         key = (batch_size, self.device, self.dtype, compile_step)
         held = getattr(self, "_static_cache", None)

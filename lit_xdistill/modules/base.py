@@ -54,7 +54,7 @@ class StudentOptions:
             compilation). Eager, stage II on an H100 is host-bound (the GPU ~40 % busy, ~28k aten ops per step);
             compiling fuses the torch glue around our kernels into fewer launches: KD with cached logits went from
             0.52x to 0.66x of plain fine-tuning's tokens/s, live teacher 0.40x -> 0.56x, peak memory 25.2 -> 19.9
-            GiB (docs/benchmarks.md). The first steps pay the compilation (about a minute). ``auto``: on when the
+            GiB (docs/benchmarks.md). The first steps pay the compilation. ``auto``: on when the
             student trains on a CUDA device outside FSDP (not measured with FSDP's flat parameters; CPU runs are
             short and would spend their time compiling); ``true``/``false`` force it.
     """

@@ -20,35 +20,34 @@ LOG=$OUT/two_gpus.log
 LATE_TASKS=${LATE_TASKS:-mmlu}
 
 run_all() {
-  set -e
-  local suite=${EVAL_SUITE:-$here/../../configs/eval/default.yaml} early
-  early=$(python3 -c 'import sys, yaml; late = sys.argv[2].split()
+  # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; until_done resumes it)
+  export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
+  source "$here/lib.sh"  # until_done, the settings (and set -euo pipefail)
+  local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} early
+  early=$("$PY" -c 'import sys, yaml; late = sys.argv[2].split()
 print(" ".join(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"] if t["task"] not in late))' \
     "$suite" "$LATE_TASKS")
   step() { echo "=== $(date -u +%T) GPU $1: ${*:2}"; }
-  # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; then it resumes)
-  until_done() { local rc; while :; do rc=0; "$@" || rc=$?; (( rc == 75 )) || return $rc; done; }
-  export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
   ( export CUDA_VISIBLE_DEVICES=1
     step 1 teacher scores: $early then $LATE_TASKS
-    EVAL_SIDE=teacher EVAL_TASKS="$early $LATE_TASKS" until_done bash "$here/30_eval.sh"
+    EVAL_SIDE=teacher EVAL_TASKS="$early $LATE_TASKS" until_done "$here/30_eval.sh"
     while [[ ! -f $OUT/kd/student/config.json ]]; do kill -0 $$ 2>/dev/null || exit 1; sleep 10; done  # $$: GPU 0's shell
     step 1 student: $LATE_TASKS
-    EVAL_TASKS=$LATE_TASKS until_done bash "$here/30_eval.sh" ) &
+    EVAL_TASKS=$LATE_TASKS until_done "$here/30_eval.sh" ) &
   local gpu1=$!
   export CUDA_VISIBLE_DEVICES=0
   for script in 00_cache_logits 10_align 20_kd; do
     step 0 "$script"
-    until_done bash "$here/$script.sh"
+    until_done "$here/$script.sh"
   done
-  # the teacher's early tasks are cached long before KD ends (~7 of ~14 minutes); evaluate computes any that is not
+  # GPU 1 scores the teacher's early tasks first, so they are cached by now; evaluate computes any that is not
   step 0 student: "$early"
-  EVAL_TASKS=$early until_done bash "$here/30_eval.sh"
+  EVAL_TASKS=$early until_done "$here/30_eval.sh"
   wait "$gpu1"
   step 0 merge, report, held-out perplexity
-  until_done bash "$here/30_eval.sh"
+  until_done "$here/30_eval.sh"
   step 0 plots
-  until_done bash "$here/40_plots.sh"
+  until_done "$here/40_plots.sh"
   echo RECIPE-DONE
 }
 
@@ -57,7 +56,9 @@ case ${1:-} in
     mkdir -p "$OUT"
     export -f run_all
     export here OUT LATE_TASKS
-    setsid nohup bash -c 'run_all || echo "RECIPE-FAILED (exit status $?)"' > "$LOG" 2>&1 < /dev/null &
+    # run_all in a process of its own: called as `run_all || ...`, bash would ignore set -e inside it
+    setsid nohup bash -c 'bash -c run_all; rc=$?; (( rc == 0 )) || echo "RECIPE-FAILED (exit status $rc)"' \
+      > "$LOG" 2>&1 < /dev/null &
     echo "recipe started in the background: $LOG"
     ;;
   run)  # the same in the foreground (a machine held long enough, or a test)
