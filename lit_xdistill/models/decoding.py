@@ -266,6 +266,9 @@ class StaticHybridCache(HybridCache):
     def decode(self, model: _DecodingModel, input_ids: Tensor) -> Tensor:
         """One token per row (B, 1) through ``model.decode_step`` (compiled if asked), replayed as a CUDA graph on CUDA
         -> logits."""
+        # generate() passes a strided slice of its growing sequence; a compiled step guards on strides and
+        # would recompile every step (on CUDA inside the graph capture, where compiling is not allowed).
+        input_ids = input_ids.contiguous()
         step = model.decode_step
         if self.compile_step:
             if self._compiled is None:

@@ -208,6 +208,22 @@ def test_compiled_decode_step_is_reused_across_prompt_lengths():
     assert compiled_graphs[1] == compiled_graphs[0], "the second prompt length recompiled the decode step"
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_generate_compiles_the_decode_step_once():
+    """generate() hands the step a strided slice of its growing sequence (stride (L, 1), L changing every
+    step). A compiled step guards on strides, so each step recompiled, and on CUDA the compile fell inside the
+    graph capture after the warm-up step (cudaErrorStreamCaptureUnsupported on an H200)."""
+    from torch._dynamo.utils import counters
+
+    student = _student()
+    prompt, mask = _padded_prompt()
+    torch._dynamo.reset()
+    counters.clear()
+    cache = StaticHybridCache(batch_size=3, cuda_graph=False, compile_step=True)
+    student.generate(prompt, attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert counters["stats"]["unique_graphs"] == 1, "the decode step was compiled more than once"
+
+
 def test_a_dropped_static_cache_is_freed_without_the_cycle_collector():
     """Nothing the cache owns (its layers, its decode graph) points back to it, so dropping the last reference
     frees its buffers at once. With a cycle they waited for Python's cyclic collector, and every dropped cache's
