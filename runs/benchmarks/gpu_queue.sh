@@ -6,17 +6,19 @@
 #   call 1: carry .stage1:  mkdir -p /root/stage1 && cp .stage1/* /root/stage1/
 #   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start JOB...
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
+# Issue the next `wait` as soon as one returns: a machine idle for 30 s is given back, with its queue.
 # On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
 # `wait` waits for every lane. Each comparison still runs whole in one process on one card.
 #   LANE=0 bash runs/benchmarks/gpu_queue.sh start memory llama8b; LANE=1 bash ... start gpu-tests ctx128k kernels
 #
-# Jobs, run in the order given (rough H100 minutes in brackets; the teacher's decode step is compiled anew for
-# every (context, batch) point, ~45 s each, because its cache length differs; the student's once per batch size):
+# Jobs, run in the order given (rough minutes in brackets, measured where a card and session are named; the
+# teacher's decode step is compiled anew for every (context, batch) point, ~45 s each, because its cache length
+# differs; the student's once per batch size):
 #   memory      SmolLM2 students (eager and compiled decode step), 1k-64k x batch 1/8/32: decode memory after
-#               the cache-leak fix, against the fifth session's same-process table (issue 9)            [5]
-#   gpu-tests   the GPU-marked tests of kernels and inference                                           [2]
-#   llama8b     Llama-3.1-8B shape, teacher + students, 4k/32k/64k x batch 1/8 (issue 9)                [10]
-#   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")            [4]
+#               the cache-leak fix, against the fifth session's same-process table (issue 9)  [11, H200 6th]
+#   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
+#   llama8b     Llama-3.1-8B shape, teacher + students, 4k/32k/64k x batch 1/8 (issue 9)  [>15; teacher >8]
+#   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps (issue 3)               [5]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
