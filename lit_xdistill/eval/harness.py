@@ -1,16 +1,17 @@
 """Run an evaluation suite on a model object with lm-eval, and cache teacher results on disk.
 
 The model goes through lm-eval's own HF wrapper, ``HFLM(pretrained=model, tokenizer=tokenizer,
-backend="causal")``: log-likelihood requests are right-padded into batches and scored without an
-attention mask, which is exact for any strictly causal model (the padding comes after every scored
-token). Shots are set per suite entry (a group's subtasks inherit its shots) and the per-task item limit
-selects the *first* ``limit`` items of each task; a group spreads it evenly over its subtasks (MMLU at
-limit 200 scores the first 4 items of each of its 57 subjects), so a limited run costs about the same
-per suite entry.
+backend="causal")``, subclassed only to tokenize each task in one batched call: log-likelihood requests are
+right-padded into batches and scored without an attention mask, which is exact for any strictly causal model
+(the padding comes after every scored token). Shots are set per suite entry (a group's subtasks inherit its
+shots) and the per-task item limit selects the *first* ``limit`` items of each task; a group spreads it evenly
+over its subtasks (MMLU at limit 200 scores the first 4 items of each of its 57 subjects), so a limited run
+costs about the same per suite entry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -103,6 +104,56 @@ class _SuiteTaskManager:
         return loaded
 
 
+@functools.cache
+def _batch_tokenizing_hflm() -> type:
+    """lm-eval's ``HFLM`` with each log-likelihood task tokenized in one batched tokenizer call.
+
+    Stock ``HFLM.loglikelihood`` encodes request by request, each context twice (alone and with its
+    continuation) and once per answer choice. Here every distinct string that ``_encode_pair`` will ask for is
+    encoded once up front by the fast tokenizer's batch call (Rust, all cores), and ``tok_encode`` serves those
+    strings from that table; the token ids are identical (tested against stock lm-eval on real tasks), any other
+    call goes to lm-eval unchanged. On a 2-core CPU, tokenizing HellaSwag's full set (40,168 requests of ~860
+    tokens, 10-shot) took 180 s stock and 57 s batched, MMLU's (56,168, 5-shot) 199 s and 81 s
+    (docs/evaluation.md).
+    """
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+    class BatchTokenizingHFLM(HFLM):
+        _encoded: dict[str, list[int]] = {}
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            strings = set()
+            for context, continuation in (req.args for req in requests):
+                if context:  # _encode_pair encodes the whole text and the context less its trailing spaces
+                    strings.update((context.rstrip(), context + continuation))
+            self._encoded = self._encode_all(sorted(strings))
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._encoded = {}
+
+        def _encode_all(self, strings: list[str]) -> dict[str, list[int]]:
+            """What ``tok_encode(s)`` gives for each string, by one batched call per special-token setting."""
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            groups: dict[bool, list[str]] = {}
+            for text in strings:  # tok_encode's rule: no special tokens if the text starts with BOS already
+                groups.setdefault(has_bos_prefix(text, bos), []).append(text)
+            encoded, default = {}, _add_special_kwargs(None, self.add_bos_token)
+            for starts_with_bos, texts in groups.items():
+                kwargs = {"add_special_tokens": False} if starts_with_bos else default
+                encoded.update(zip(texts, self.tokenizer(texts, **kwargs)["input_ids"]))
+            return encoded
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            if add_special_tokens is None and not left_truncate_len and not kwargs and string in self._encoded:
+                return list(self._encoded[string])
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+
+    return BatchTokenizingHFLM
+
+
 def run_suite(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -127,14 +178,13 @@ def run_suite(
             skips all standard errors and lm-eval's bootstrap process pool.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
     suite = load_suite(suite)
     limit = effective_limit(suite, limit)
     manager = task_manager(suite, cache_dir)
     samples = _item_indices(manager, suite, limit)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    lm = _batch_tokenizing_hflm()(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     results = simple_evaluate(
         model=lm,
         tasks=suite.task_names,

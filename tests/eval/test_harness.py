@@ -198,3 +198,46 @@ def test_real_smollm2_student_is_batch_size_invariant_and_teacher_scores_sensibl
     student = models.student_from_teacher(teacher, spec.identity, window=8, n_sinks=2).eval()
     one, eight = loglikelihoods(student, tokenizer, 1), loglikelihoods(student, tokenizer, 8)
     assert torch.allclose(one, eight, atol=1e-3, rtol=1e-4), (one - eight).abs().max()
+
+
+def test_batched_tokenization_gives_lm_evals_own_token_ids(monkeypatch, eval_cache, tiny_tokenizer):
+    """run_suite's HFLM tokenizes each task in one batch call; the (context, continuation) token ids it hands to
+    the scoring loop equal stock lm-eval's, request by request, on real tasks with their shots (HellaSwag's
+    10-shot contexts, WinoGrande's varying contexts, LAMBADA, MMLU's group), and on texts that start with BOS
+    or end in spaces through a tokenizer that adds BOS itself."""
+    import copy
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import processors
+
+    from lit_xdistill.teachers import TeacherSpec
+
+    smollm2 = TeacherSpec("smollm2-135m-instruct").load_tokenizer()
+    adds_bos = copy.deepcopy(tiny_tokenizer)
+    adds_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", adds_bos.bos_token_id)])
+    assert adds_bos("a")["input_ids"][0] == adds_bos.bos_token_id
+    edge = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(
+        [("<|endoftext|>Question: 2+2?", " 4"), ("Answer:  ", "yes"), ("", "Hello"), ("a\n\n", " b")])]
+    suite = EvalSuite("tok", tuple(SuiteTask(t, shots) for t, shots in
+                                   (("hellaswag", 10), ("winogrande", 5), ("lambada", 0), ("mmlu", 5))))
+    scored: list = []
+
+    def capture(self, requests, disable_tqdm=False, override_bs=None):
+        scored.append(requests)
+        return [(0.0, False)] * len(requests)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", capture)
+    tokenized = {}
+    for name, factory in (("stock", lambda: HFLM), ("batched", harness._batch_tokenizing_hflm)):
+        scored.clear()
+        monkeypatch.setattr(harness, "_batch_tokenizing_hflm", factory)
+        harness.run_suite(make_tiny_llama(len(smollm2)), smollm2, suite, limit=8, batch_size=4,
+                          cache_dir=eval_cache, bootstrap_iters=0)
+        for tokenizer in (smollm2, adds_bos):
+            model = make_tiny_llama(len(tokenizer))
+            factory()(pretrained=model, tokenizer=tokenizer, backend="causal").loglikelihood(edge)
+        tokenized[name] = [request for call in scored for request in call]
+    assert len(tokenized["stock"]) > 100
+    assert tokenized["batched"] == tokenized["stock"]
