@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -160,10 +161,14 @@ def _arrow(relative_split_dir: str) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Write ``rows`` to ``path`` atomically: another process rendering or reading the same file at the same
+    time sees the old or the new file whole, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with partial.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    os.replace(partial, path)
     return str(path)
 
 
@@ -384,13 +389,21 @@ def render_tasks(names: list[str], cache_dir: str | Path | None = None) -> Path:
     out = root / "tasks" / f"offline-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / ".complete").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    # Processes may render the same tasks at once (evaluation lanes, a teacher pass beside a student pass):
+    # each builds in a folder of its own and the first to finish publishes it by an atomic rename.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     data_dir = root / "data" / f"v{RENDER_VERSION}"
     for name in offline:
         OFFLINE_TASKS[name](name, tmp, data_dir)
     (tmp / ".complete").touch()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    if out.exists() and not (out / ".complete").exists():
+        shutil.rmtree(out, ignore_errors=True)  # left by an interrupted render
+    try:
+        tmp.rename(out)
+    except OSError:  # another process published first (a non-empty target cannot be renamed onto)
+        shutil.rmtree(tmp)
+        if not (out / ".complete").exists():
+            raise
     return out

@@ -241,3 +241,34 @@ def test_batched_tokenization_gives_lm_evals_own_token_ids(monkeypatch, eval_cac
         tokenized[name] = [request for call in scored for request in call]
     assert len(tokenized["stock"]) > 100
     assert tokenized["batched"] == tokenized["stock"]
+
+
+def _render_in_process(cache: str, names: list[str], queue) -> None:
+    try:
+        folder = render_tasks(names, cache)
+        queue.put(("ok", str(folder), sorted(p.name for p in folder.iterdir())))
+    except Exception as error:  # reported to the parent, which fails the test with it
+        queue.put(("error", repr(error), []))
+
+
+def test_concurrent_renders_of_the_same_tasks_all_succeed(tmp_path):
+    """Several processes rendering the same tasks at once (two evaluation lanes starting together, a teacher
+    pass beside a student pass) each get the complete folder: every process builds in a folder of its own
+    and the first to finish publishes it, where a shared temporary folder was deleted under the others."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    names = ["hellaswag", "winogrande", "piqa"]
+    workers = [context.Process(target=_render_in_process, args=(str(tmp_path), names, queue)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    reports = [queue.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join()
+    assert [status for status, _, _ in reports] == ["ok"] * 4, reports
+    assert len({folder for _, folder, _ in reports}) == 1
+    assert reports[0][2] == [".complete", "hellaswag.yaml", "piqa.yaml", "winogrande.yaml"]
+    assert all(files == reports[0][2] for _, _, files in reports)
+    leftovers = [p.name for p in (tmp_path / "tasks").iterdir() if "tmp" in p.name]
+    assert not leftovers
