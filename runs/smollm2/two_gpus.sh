@@ -5,8 +5,10 @@
 # of the suite's time (MMLU alone is about half: docs/evaluation.md); then held-out perplexity and plots.
 #
 #   GPU 0: 00_cache_logits -> 10_align -> 20_kd -> student on the tasks other than MMLU
-#   GPU 1: teacher on the tasks other than MMLU, then MMLU -> student on MMLU (after 20_kd)
+#   GPU 1: teacher on all tasks -> student on MMLU (after 20_kd)
 #   then:  30_eval (merge, Win-and-Tie report, held-out perplexity) -> 40_plots
+# A suite pass is mostly CPU work (lm-eval builds and tokenizes requests; a 135M model leaves the GPU idle), so
+# each GPU runs its tasks as concurrent processes: MMLU, HellaSwag (SPLIT_TASKS) and the rest.
 #
 # On the device machine, after the staging calls and `offline_bundle.sh unpack` (runs/smollm2/README.md):
 #   source runs/smollm2/device_env.sh && KD_CONFIGS=configs/smollm2/ablations/loss-0-1.yaml \
@@ -18,31 +20,46 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${OUT:-$here/../smollm2-out}
 LOG=$OUT/two_gpus.log
 LATE_TASKS=${LATE_TASKS:-mmlu}
+SPLIT_TASKS=${SPLIT_TASKS:-hellaswag}  # of the other tasks, those evaluated in a process of their own
 
 run_all() {
   # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; until_done resumes it)
   export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
   source "$here/lib.sh"  # until_done, the settings (and set -euo pipefail)
-  local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} early
-  early=$("$PY" -c 'import sys, yaml; late = sys.argv[2].split()
-print(" ".join(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"] if t["task"] not in late))' \
-    "$suite" "$LATE_TASKS")
+  local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} split rest
+  IFS='|' read -r split rest < <("$PY" -c 'import sys, yaml; late, split = sys.argv[2].split(), sys.argv[3].split()
+tasks = [t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"] if t["task"] not in late]
+print(",".join(t for t in tasks if t in split), ",".join(t for t in tasks if t not in split), sep="|")' \
+    "$suite" "$LATE_TASKS" "$SPLIT_TASKS")
+  split=${split//,/ } rest=${rest//,/ }
   step() { echo "=== $(date -u +%T) GPU $1: ${*:2}"; }
+  # parts SIDE "tasks" "tasks" ...: one 30_eval.sh process per non-empty task list, all at once; fails if any does
+  parts() {
+    local side=$1 pids=() list pid failed=0
+    shift
+    for list in "$@"; do
+      [[ -n ${list// } ]] || continue
+      EVAL_SIDE=$side EVAL_TASKS=$list until_done "$here/30_eval.sh" &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+  }
   ( export CUDA_VISIBLE_DEVICES=1
-    step 1 teacher scores: $early then $LATE_TASKS
-    EVAL_SIDE=teacher EVAL_TASKS="$early $LATE_TASKS" until_done "$here/30_eval.sh"
+    step 1 teacher scores: $LATE_TASKS / $split / $rest at once
+    parts teacher "$LATE_TASKS" "$split" "$rest"
     while [[ ! -f $OUT/kd/student/config.json ]]; do kill -0 $$ 2>/dev/null || exit 1; sleep 10; done  # $$: GPU 0's shell
     step 1 student: $LATE_TASKS
-    EVAL_TASKS=$LATE_TASKS until_done "$here/30_eval.sh" ) &
+    parts both "$LATE_TASKS" ) &
   local gpu1=$!
   export CUDA_VISIBLE_DEVICES=0
   for script in 00_cache_logits 10_align 20_kd; do
     step 0 "$script"
     until_done "$here/$script.sh"
   done
-  # GPU 1 scores the teacher's early tasks first, so they are cached by now; evaluate computes any that is not
-  step 0 student: "$early"
-  EVAL_TASKS=$early until_done "$here/30_eval.sh"
+  # GPU 1 has most likely cached the teacher's scores by now; evaluate computes any that is not
+  step 0 student: $split / $rest at once
+  parts both "$split" "$rest"
   wait "$gpu1"
   step 0 merge, report, held-out perplexity
   until_done "$here/30_eval.sh"

@@ -59,7 +59,7 @@ def test_script_parses(script):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random Llama teacher (real SmolLM2 tokenizer), local text, an overlay and a 2-task suite."""
+    """A tiny random Llama teacher (real SmolLM2 tokenizer), local text, an overlay and a 3-task suite."""
     import transformers as tf
 
     from lit_xdistill.teachers import TeacherSpec
@@ -87,7 +87,8 @@ def tiny(tmp_path_factory):
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(overlay))
     suite = {"name": "tiny", "limit": 2, "tasks": [{"task": "arc_easy", "shots": 0, "metric": "acc"},
-                                                   {"task": "piqa", "shots": 0, "metric": "acc_norm"}]}
+                                                   {"task": "piqa", "shots": 0, "metric": "acc_norm"},
+                                                   {"task": "winogrande", "shots": 0, "metric": "acc"}]}
     (root / "suite.yaml").write_text(yaml.safe_dump(suite))
     return root
 
@@ -130,17 +131,20 @@ def test_recipe_end_to_end_tiny(tiny, tmp_path):
 
     # one part of the suite stops before the merge while another task is still missing
     part = run_script("30_eval.sh", {**env, "EVAL_TASKS": "arc_easy"}).stdout
-    assert "tasks left to another process: piqa" in part and not (out / "eval" / "report.md").exists()
-    # the rest as two_gpus.sh splits it: teacher scores first, the student's tasks in two parts, then the merge
-    # (stages 00-20 are finished, so it goes straight to them); one GPU or none serves as well
-    done = subprocess.run(["bash", str(RUNS / "two_gpus.sh"), "run"], env={**env, "LATE_TASKS": "piqa"},
+    assert "tasks left to another process: piqa winogrande" in part and not (out / "eval" / "report.md").exists()
+    # the rest as two_gpus.sh splits it: the teacher's scores in three concurrent processes (late, split, rest),
+    # the student's tasks in three parts, then the merge (stages 00-20 are finished, so it goes straight to
+    # them); one GPU or none serves as well
+    done = subprocess.run(["bash", str(RUNS / "two_gpus.sh"), "run"],
+                          env={**env, "LATE_TASKS": "piqa", "SPLIT_TASKS": "winogrande"},
                           capture_output=True, text=True, timeout=900)
     errors = [line for line in done.stderr.splitlines() if "it/s" not in line]  # drop progress bars
     assert done.returncode == 0, (done.stdout[-3000:], errors[-40:])
-    assert "teacher scores cached: arc_easy piqa" in done.stdout
+    assert "teacher scores: piqa / winogrande / arc_easy at once" in done.stdout
+    assert all(f"teacher scores cached: {task}\n" in done.stdout for task in ("arc_easy", "piqa", "winogrande"))
     assert "RECIPE-DONE" in done.stdout
     student = json.loads((out / "eval" / "student.json").read_text())
-    assert {"arc_easy", "piqa"} <= set(student["results"])
+    assert {"arc_easy", "piqa", "winogrande"} <= set(student["results"])
     assert "α*" in (out / "eval" / "report.md").read_text() and (out / "eval" / "wintie.png").is_file()
     rows = json.loads((out / "eval" / "heldout_ppl.json").read_text())
     assert [r["split"] for r in rows] == ["heldout", "all"]
