@@ -19,7 +19,8 @@
 #   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
 #   llama8b     Llama-3.1-8B shape, teacher + students, 4k/32k/64k x batch 1/8 (issue 9)  [>15; teacher >8]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
-#   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps (issue 3)               [5]
+#   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps, per-kernel profile and
+#               host time per call (issue 3)                                                        [6]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
@@ -36,7 +37,7 @@ job() {
     gpu-tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference ;;
     llama8b) $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 $S --out $ROOT/llama8b ;;
     ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
-    kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
+    kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
                --state-blocks 16,32,64 --launch-sweep ;;
     smollm2) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out $ROOT/smollm2 \
                --profile 4096 65536 ;;
