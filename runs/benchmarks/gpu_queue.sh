@@ -18,7 +18,8 @@
 #               the cache-leak fix, against the fifth session's same-process table (issue 9)  [11, H200 6th]
 #   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
 #   llama8b     Llama-3.1-8B shape, teacher + student (CUDA-graph step, not compiled: at 8B a step reads
-#               16 GB of weights, which compiling does not change), 4k/32k/64k x batch 1/8 (issue 9) [>12; teacher 9]
+#               16 GB of weights, expected to bound it either way; not measured), 4k/32k/64k x batch 1/8
+#               (issue 9)                                                                  [>12; teacher 9]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps, per-kernel profile and
 #               host time per call (issue 3)                                                        [6]
