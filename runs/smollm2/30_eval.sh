@@ -9,8 +9,8 @@
 #     so the Python below does: exp(mean next-token CE) over the packed blocks, documents kept apart.
 # Parts, for a machine with several GPUs (runs/smollm2/two_gpus.sh): EVAL_SIDE=teacher computes only the
 # teacher's per-task scores (into the on-disk cache that `evaluate` reads; the teacher does not depend on
-# training, so this can run beside it); EVAL_TASKS="a b" evaluates only those tasks and stops before the
-# merge, report and perplexity if other tasks are still missing (another process does them).
+# training, so this can run beside it); EVAL_TASKS="a b" evaluates only those tasks and stops there: the
+# merge, report and perplexity are left to a run without EVAL_TASKS.
 # Exit 0: everything written (or this part done); exit 75: run again.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SUITE=${EVAL_SUITE:-$REPO/configs/eval/default.yaml}
@@ -63,7 +63,10 @@ print(f"[smollm2] teacher scores of {sys.argv[2]} cached")' "$TEACHER_NAME" "$di
 done
 [[ $EVAL_SIDE == teacher ]] && { echo "[smollm2] teacher scores cached: ${EVAL_TASKS:-$tasks}"; exit 0; }
 missing=$(for task in $tasks; do [[ -f $EVAL/tasks/$task/student.json ]] || echo -n "$task "; done)
-[[ -z $missing ]] || { echo "[smollm2] eval part done; tasks left to another process: $missing"; exit 0; }
+# a part never merges, even when it finished the last task: parts run concurrently, and two of them ending
+# together would both merge into the same files
+[[ -z ${EVAL_TASKS:-} ]] || { echo "[smollm2] eval part done (${EVAL_TASKS}); still missing: ${missing:-none}"; exit 0; }
+[[ -z $missing ]] || { echo "[smollm2] tasks still missing: $missing" >&2; exit 1; }
 # merge the per-task lm-eval results into one file per model, then one Win-and-Tie report over the suite
 "$PY" - "$EVAL" $tasks <<'PY'
 import json, sys
