@@ -118,6 +118,7 @@ def _batch_tokenizing_hflm() -> type:
     """
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+    from tqdm import tqdm
 
     class BatchTokenizingHFLM(HFLM):
         _encoded: dict[str, list[int]] = {}
@@ -140,9 +141,13 @@ def _batch_tokenizing_hflm() -> type:
             for text in strings:  # tok_encode's rule: no special tokens if the text starts with BOS already
                 groups.setdefault(has_bos_prefix(text, bos), []).append(text)
             encoded, default = {}, _add_special_kwargs(None, self.add_bos_token)
-            for starts_with_bos, texts in groups.items():
-                kwargs = {"add_special_tokens": False} if starts_with_bos else default
-                encoded.update(zip(texts, self.tokenizer(texts, **kwargs)["input_ids"]))
+            with tqdm(total=len(strings), desc="Tokenizing inputs (batched)", disable=self.rank != 0) as bar:
+                for starts_with_bos, texts in groups.items():
+                    kwargs = {"add_special_tokens": False} if starts_with_bos else default
+                    for start in range(0, len(texts), 2048):  # batches of 2,048: all cores, and a progress bar
+                        batch = texts[start : start + 2048]
+                        encoded.update(zip(batch, self.tokenizer(batch, **kwargs)["input_ids"]))
+                        bar.update(len(batch))
             return encoded
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
