@@ -5,6 +5,7 @@
 #   bash runs/multinode/verify_fsdp.sh setup    # random-weight teachers (8B shape + small) and the token cache
 #   bash runs/multinode/verify_fsdp.sh four     # 4-GPU jobs: resume test (part 1), stage I and II at 4 GPUs
 #   bash runs/multinode/verify_fsdp.sh lanes    # 1- and 2-GPU jobs, three lanes side by side (GPUs 0-1, 2, 3)
+#   bash runs/multinode/verify_fsdp.sh two      # on a 2-GPU machine instead: the 8B jobs on 1 and 2 GPUs
 #   bash runs/multinode/verify_fsdp.sh wintie   # WinTieCallback + end-of-fit export under FSDP, 2 GPUs
 #   bash runs/multinode/verify_fsdp.sh summary  # runs/multinode/summarize_fsdp.py -> $ROOT/summary.{md,json,png}
 #   bash runs/multinode/verify_fsdp.sh collect  # logs, TensorBoard events, summary, benchmarks -> $DEVICE_OUT/fsdp.tgz
@@ -162,6 +163,12 @@ lanes() {  # three lanes side by side on disjoint GPUs
   cat "$ROOT"/logs/lane*.txt
 }
 
+two() {  # a machine with 2 GPUs (when no 4-GPU machine is lent): the 8B jobs on 1 and 2 GPUs, one after the other
+  fit align8b_1 0 $(big align)
+  fit align8b_2 0,1 $(big align)
+  fit kdmix8b_2 0,1 $(big kd) --model.init_args.student.init_from null --model.init_args.train_params mixer
+}
+
 wintie() {  # the callback and the export under FSDP on 2 GPUs (after `lanes`, GPUs free)
   local suite=$ROOT/suite.yaml
   printf 'name: fsdp\nlimit: 100\ntasks:\n  - {task: piqa, shots: 0, metric: acc_norm}\n' > "$suite"
@@ -174,9 +181,10 @@ case "${1:-}" in
   setup) setup ;;
   four) four ;;
   lanes) lanes ;;
+  two) two ;;
   wintie) wintie ;;
   summary) $PY runs/multinode/summarize_fsdp.py "$ROOT" ;;
   collect) (cd "$ROOT" && tar czf "${DEVICE_OUT:-$OUT}/fsdp.tgz" --exclude='*.ckpt' --exclude=checkpoints \
              $(ls -d logs done tb summary.* fsdp.png bench_* 2>/dev/null)) ;;
-  *) echo "usage: $0 setup|four|lanes|wintie|summary|collect" >&2; exit 2 ;;
+  *) echo "usage: $0 setup|four|lanes|two|wintie|summary|collect" >&2; exit 2 ;;
 esac
