@@ -26,12 +26,13 @@ run_all() {
   # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; until_done resumes it)
   export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
   source "$here/lib.sh"  # until_done, the settings (and set -euo pipefail)
-  local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} split rest
-  IFS='|' read -r split rest < <("$PY" -c 'import sys, yaml; late, split = sys.argv[2].split(), sys.argv[3].split()
-tasks = [t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"] if t["task"] not in late]
-print(",".join(t for t in tasks if t in split), ",".join(t for t in tasks if t not in split), sep="|")' \
-    "$suite" "$LATE_TASKS" "$SPLIT_TASKS")
-  split=${split//,/ } rest=${rest//,/ }
+  local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} task split="" rest=""
+  for task in $("$PY" -c 'import sys, yaml; print(*(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"]))' \
+                  "$suite"); do  # the suite's tasks other than LATE_TASKS: SPLIT_TASKS, and the rest
+    [[ " $LATE_TASKS " == *" $task "* ]] && continue
+    if [[ " $SPLIT_TASKS " == *" $task "* ]]; then split+=" $task"; else rest+=" $task"; fi
+  done
+  split=${split# } rest=${rest# }
   step() { echo "=== $(date -u +%T) GPU $1: ${*:2}"; }
   # parts SIDE "tasks" "tasks" ...: one 30_eval.sh process per non-empty task list, all at once; fails if any does
   parts() {
