@@ -30,7 +30,7 @@ start=$SECONDS
 left() { echo $((CHUNK_SECONDS - (SECONDS - start))); }
 
 # --- 1. suite, task by task --------------------------------------------------------------------------------
-tasks=$("$PY" -c 'import sys, yaml; print(" ".join(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"]))' "$SUITE")
+tasks=$(suite_tasks "$SUITE")
 for task in ${EVAL_TASKS:-$tasks}; do
   dir=$EVAL/tasks/$task
   [[ -f $dir/student.json ]] && continue

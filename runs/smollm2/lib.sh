@@ -27,6 +27,11 @@ PY=${PYTHON:-python3}
 # exit status of a script whose stage is not finished yet: call it again (EX_TEMPFAIL)
 AGAIN=75
 
+# suite_tasks SUITE_YAML: the suite's task names, space-separated, in order.
+suite_tasks() {
+  "$PY" -c 'import sys, yaml; print(*(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"]))' "$1"
+}
+
 # configs STAGE: the --config chain of a stage (align or kd), ending with the environment overlay.
 configs() {
   local stage=$1 extra

@@ -27,8 +27,7 @@ run_all() {
   export CHUNK_SECONDS=${CHUNK_SECONDS:-100000}
   source "$here/lib.sh"  # until_done, the settings (and set -euo pipefail)
   local suite=${EVAL_SUITE:-$REPO/configs/eval/default.yaml} task split="" rest=""
-  for task in $("$PY" -c 'import sys, yaml; print(*(t["task"] for t in yaml.safe_load(open(sys.argv[1]))["tasks"]))' \
-                  "$suite"); do  # the suite's tasks other than LATE_TASKS: SPLIT_TASKS, and the rest
+  for task in $(suite_tasks "$suite"); do  # the suite's tasks other than LATE_TASKS: SPLIT_TASKS, and the rest
     [[ " $LATE_TASKS " == *" $task "* ]] && continue
     if [[ " $SPLIT_TASKS " == *" $task "* ]]; then split+=" $task"; else rest+=" $task"; fi
   done
