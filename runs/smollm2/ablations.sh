@@ -38,7 +38,7 @@ loss_arm() {  # the hybrid arm's stage-I student; only the stage-II loss differs
 }
 lane_hybrid() { mixer_arm hybrid; loss_arm 0.5-0.5; loss_arm 0-1; }
 lane_other_mixers() { mixer_arm swa-nosinks; mixer_arm mlstm; mixer_arm linear; }
-if (( ${ABL_GPUS:-1} >= 2 )); then  # two lanes side by side, one GPU each (a 2-GPU machine: ~15 min, not ~26)
+if (( ${ABL_GPUS:-1} >= 2 )); then  # two lanes side by side, one GPU each (estimated ~15 min instead of ~26; unmeasured)
   CUDA_VISIBLE_DEVICES=1 lane_other_mixers &
   other=$!
   CUDA_VISIBLE_DEVICES=0 lane_hybrid
