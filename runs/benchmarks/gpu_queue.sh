@@ -8,7 +8,7 @@
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 # Issue the next `wait` as soon as one returns: a machine idle for 30 s is given back, with its queue.
 # On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
-# `wait` waits for every lane. Each comparison still runs whole in one process on one card.
+# LANE=2,3 gives a queue two cards (for fsdp-two). `wait` waits for every lane. Each comparison still runs whole in one process on one card.
 #   LANE=0 bash runs/benchmarks/gpu_queue.sh start memory llama8b; LANE=1 bash ... start gpu-tests ctx128k kernels
 #
 # Jobs, run in the order given (rough minutes in brackets, measured where a card and session are named; the
@@ -26,6 +26,8 @@
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
+#   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
+#               summary in $ROOT/fsdp); needs a lane of two cards, e.g. LANE=2,3                  [~10, guess]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=/root/bench
@@ -48,6 +50,9 @@ job() {
               --profile --out $ROOT/stage2.md ;;
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
+    fsdp-two) local v="runs/multinode/verify_fsdp.sh"
+              ROOT=$ROOT/fsdp bash $v setup && ROOT=$ROOT/fsdp JOB_SECONDS=300 bash $v two
+              local rc=$?; ROOT=$ROOT/fsdp bash $v summary; return $rc ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }
@@ -65,8 +70,8 @@ case ${1:-} in
     setsid nohup bash -c '
       for j in "$@"; do echo "=== $(date -u +%T) $j"; job "$j"; echo "=== rc=$? $(date -u +%T)"; done
       echo QUEUE-DONE
-    ' queue "$@" > "$ROOT/queue$LANE.log" 2>&1 < /dev/null &
-    echo "queue started ($*): $ROOT/queue$LANE.log"
+    ' queue "$@" > "$ROOT/queue${LANE//,/-}.log" 2>&1 < /dev/null &
+    echo "queue started ($*): $ROOT/queue${LANE//,/-}.log"
     ;;
   wait)
     end=$((SECONDS + ${2:-540}))
@@ -77,7 +82,7 @@ case ${1:-} in
     done
     out=${DEVICE_OUT:-$OUT}
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* queue*.log 2>/dev/null))
+       stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb 2>/dev/null))
     ;;
   *) echo "usage: $0 start JOB... | wait [seconds]" >&2; exit 2 ;;
 esac

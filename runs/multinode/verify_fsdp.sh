@@ -102,10 +102,20 @@ job() {
   return $rc
 }
 
+# GPU numbers in this script are positions among the cards it was given: with CUDA_VISIBLE_DEVICES=2,3 set on
+# entry, `two` runs on the physical cards 2 and 3 (another job can hold 0 and 1). Unset: all cards, as numbered.
+IFS=, read -ra GIVEN_GPUS <<<"${CUDA_VISIBLE_DEVICES:-}"
+cards() {  # cards 0,1 -> the physical ids at those positions, comma-separated
+  [ ${#GIVEN_GPUS[@]} = 0 ] && { echo "$1"; return; }
+  local ids=() i
+  for i in ${1//,/ }; do ids+=("${GIVEN_GPUS[$i]:?only ${#GIVEN_GPUS[@]} GPUs given}"); done
+  (IFS=,; echo "${ids[*]}")
+}
+
 # fit NAME GPUS ARGS...: one `lit-xdistill fit` on the listed GPUs (comma-separated).
 # The strategy options go after ARGS: configs/fsdp.yaml must follow the stage config it overrides.
 fit() {
-  local name=$1 gpus=$2; shift 2
+  local name=$1 gpus; gpus=$(cards "$2") || return 1; shift 2
   local n; n=$(awk -F, '{print NF}' <<<"$gpus")
   CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$((29500 + 10 * ${gpus:0:1})) job "$name" \
     lit-xdistill fit "$@" "${STRATEGY[@]}" --trainer.devices "$n" --trainer.logger.init_args.name "$name"
@@ -113,7 +123,7 @@ fit() {
 
 # bench NAME GPU ARGS...: the inference benchmark on one card (not in a dry run).
 bench() {
-  local name=$1 gpu=$2; shift 2
+  local name=$1 gpu; gpu=$(cards "$2") || return 1; shift 2
   [ "$DRYRUN" = 1 ] && return 0
   CUDA_VISIBLE_DEVICES=$gpu job "$name" $PY runs/benchmarks/bench_inference.py "$@" --out "$ROOT/$name"
 }

@@ -15,12 +15,15 @@
 #     ALIGN_STEPS=300 KD_STEPS=500 EVAL_LIMIT=0 EVAL_BATCH=64 bash runs/smollm2/two_gpus.sh start
 #   bash runs/smollm2/two_gpus.sh wait 540     # in later calls: waits, prints progress, collects into $DEVICE_OUT
 # Settings come from the environment as for all.sh (lib.sh); LATE_TASKS are the tasks split off to GPU 1.
+# TRAIN_GPU / EVAL_GPU (default 0 / 1) pick the cards called GPU 0 and GPU 1 above, so a 4-GPU machine can run
+# the recipe on two of its cards and something else on the other two.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${OUT:-$here/../smollm2-out}
 LOG=$OUT/two_gpus.log
 LATE_TASKS=${LATE_TASKS:-mmlu}
 SPLIT_TASKS=${SPLIT_TASKS:-hellaswag}  # of the other tasks, those evaluated in a process of their own
+TRAIN_GPU=${TRAIN_GPU:-0} EVAL_GPU=${EVAL_GPU:-1}
 
 run_all() {
   # no piece limit inside one hold: each script runs to its end (75 only if a step is cut; until_done resumes it)
@@ -45,14 +48,14 @@ run_all() {
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
     return $failed
   }
-  ( export CUDA_VISIBLE_DEVICES=1
+  ( export CUDA_VISIBLE_DEVICES=$EVAL_GPU
     step 1 teacher scores: $LATE_TASKS / $split / $rest at once
     parts teacher "$LATE_TASKS" "$split" "$rest"
     while [[ ! -f $OUT/kd/student/config.json ]]; do kill -0 $$ 2>/dev/null || exit 1; sleep 10; done  # $$: GPU 0's shell
     step 1 student: $LATE_TASKS
     parts both "$LATE_TASKS" ) &
   local gpu1=$!
-  export CUDA_VISIBLE_DEVICES=0
+  export CUDA_VISIBLE_DEVICES=$TRAIN_GPU
   for script in 00_cache_logits 10_align 20_kd; do
     step 0 "$script"
     until_done "$here/$script.sh"
@@ -70,15 +73,14 @@ run_all() {
 
 case ${1:-} in
   start)
-    mkdir -p "$OUT"
-    export -f run_all
-    export here OUT LATE_TASKS
-    # run_all in a process of its own: called as `run_all || ...`, bash would ignore set -e inside it
-    setsid nohup bash -c 'bash -c run_all; rc=$?; (( rc == 0 )) || echo "RECIPE-FAILED (exit status $rc)"' \
+    mkdir -p "$OUT" && : > "$LOG"  # the log exists once `start` returns
+    # `run` in a new process of its own (it reads its settings afresh, as a foreground run does), detached so it
+    # outlives this call; the wrapper marks a failure in the log
+    setsid nohup bash -c 'bash "$1" run || echo "RECIPE-FAILED (exit status $?)"' start "$here/two_gpus.sh" \
       > "$LOG" 2>&1 < /dev/null &
     echo "recipe started in the background: $LOG"
     ;;
-  run)  # the same in the foreground (a machine held long enough, or a test)
+  run)  # in the foreground (a machine held long enough); `start` runs this
     run_all
     ;;
   wait)
