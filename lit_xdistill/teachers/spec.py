@@ -74,7 +74,12 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lit_xdistill_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # processes starting together convert at once; the first to finish publishes
+            if not (out_dir / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -64,3 +64,23 @@ def test_real_smollm2_teacher_converts_and_student_beats_unigram():
     assert math.isfinite(ppl_student)
     assert ppl_student < unigram
     assert ppl_teacher < ppl_student < 3 * ppl_teacher  # close to the teacher before any training
+
+
+def test_processes_converting_the_same_gguf_at_once_all_succeed(tmp_path):
+    """Recipe lanes start together and each converts the built-in GGUF teacher: the first to finish
+    publishes the folder, the others must use it (a GPU run failed with "Directory not empty")."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lit_xdistill.teachers import TeacherSpec; "
+            "print(TeacherSpec('smollm2-135m-instruct').local_dir())")
+    env = {**os.environ, "LIT_XDISTILL_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    out = tmp_path / "teachers" / "smollm2-135m-instruct"
+    assert {stdout.strip().splitlines()[-1] for _, stdout, _ in results} == {str(out)}
+    assert (out / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "teachers").iterdir()] == [out.name]  # no partial folders left
