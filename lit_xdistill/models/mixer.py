@@ -69,8 +69,9 @@ class FeatureMap(nn.Module):
     def reset_parameters(self) -> None:
         num_heads, head_dim, width = self.weight.shape
         g = torch.Generator().manual_seed(0)
-        for h in range(num_heads):
-            q, _ = torch.linalg.qr(torch.randn(head_dim, max(head_dim, width), generator=g, device="cpu"))
+        for h in range(num_heads):  # QR in fp32 on the CPU whatever the default dtype (no bf16 QR kernel)
+            sample = torch.randn(head_dim, max(head_dim, width), generator=g, device="cpu", dtype=torch.float32)
+            q, _ = torch.linalg.qr(sample)
             with torch.no_grad():
                 self.weight[h].copy_(q[:, :width] * head_dim**-0.25)
 

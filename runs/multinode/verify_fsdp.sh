@@ -95,8 +95,15 @@ job() {
   local left; left=$(time_left "$name") || { echo "$left"; return 1; }
   echo "[$(date +%T)] $name: start on GPU(s) ${CUDA_VISIBLE_DEVICES:-all}"
   local started=$SECONDS
-  timeout -s USR2 -k 20 "$left" "$@" > "$ROOT/logs/$name.log" 2>&1
+  # In a session of its own, so that ranks which outlive rank 0 can be ended: a rank blocked in a collective
+  # never runs its Python SIGUSR2 handler, and timeout's SIGKILL goes out only while rank 0 still runs (on
+  # the GPUs, rank 1 of a timed-out job held its card into the next job).
+  setsid timeout -s USR2 -k 20 "$left" "$@" > "$ROOT/logs/$name.log" 2>&1 &
+  local pid=$!
+  wait $pid
   local rc=$?
+  local left_over; left_over=$(ps -o pid=,stat=,args= -s $pid | awk '$2 !~ /^Z/')  # zombies hold nothing
+  [ -n "$left_over" ] && { pkill -KILL -s $pid; echo "[$(date +%T)] $name: ended processes left in its session:"; echo "$left_over"; }
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"
   [ $rc = 0 ] && touch "$ROOT/done/$name" || grep -v '^\s*$' "$ROOT/logs/$name.log" | tail -n 40
   return $rc

@@ -84,10 +84,13 @@ case ${1:-} in
     run_all
     ;;
   wait)
+    # collect(): reports, eval results, plots, TensorBoard events -> $DEVICE_OUT. Sourced first: it sets OUT to
+    # the run folder `start` used (a call's own OUT is the device's output folder)
+    source "$here/device_env.sh"
+    LOG=$OUT/two_gpus.log
     end=$((SECONDS + ${2:-540}))
     while (( SECONDS < end )) && ! grep -qE 'RECIPE-(DONE|FAILED)' "$LOG"; do sleep 10; done
     grep -E '^===|RECIPE-|\[smollm2\]|Error|error:' "$LOG" | tail -40
-    source "$here/device_env.sh"  # collect(): reports, eval results, plots, TensorBoard events -> $DEVICE_OUT
     collect
     cp "$LOG" "$DEVICE_OUT/"
     ;;

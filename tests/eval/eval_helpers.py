@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -53,7 +54,9 @@ def eval_cache(tmp_path_factory):
 
 
 class TinyTeacherSpec:
-    """Stands in for ``lit_xdistill.teachers.TeacherSpec``: same three members, a tiny random Llama."""
+    """Stands in for ``lit_xdistill.teachers.TeacherSpec``: the same members, a tiny random Llama."""
+
+    torch_dtype = torch.float32
 
     def __init__(self, tokenizer, seed: int = 1) -> None:
         self.tokenizer, self.seed, self.loads = tokenizer, seed, 0

@@ -147,6 +147,19 @@ def test_evaluate_command_writes_results_report_and_plot(tmp_path, tiny_tokenize
     assert "| piqa | acc_norm |" in (out / "report.md").read_text()
 
 
+def test_exported_student_is_evaluated_in_its_teachers_dtype(tmp_path, tiny_tokenizer):
+    """An export holds fp32 master weights; Win-and-Tie runs the student at the teacher's precision."""
+    from lit_xdistill.eval.commands import load_exported_student
+    from lit_xdistill.models import student_from_teacher
+
+    folder = tmp_path / "student"
+    student_from_teacher(make_tiny_llama(len(tiny_tokenizer), seed=2), "tiny").save_pretrained(folder)
+    teacher = TinyTeacherSpec(tiny_tokenizer)
+    teacher.torch_dtype = torch.bfloat16
+    model, _ = load_exported_student(folder, teacher)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_failed_evaluation_leaves_the_previous_report_untouched(tmp_path, tiny_tokenizer, eval_cache, monkeypatch):
     """The report folder is written under a temporary name and renamed: a crash leaves no partial report."""
     from lit_xdistill.eval import commands
