@@ -311,11 +311,16 @@ class StudentModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.student.parameters() if p.grad is not None]
-        if norms:
-            squared = torch.stack(norms).square().sum()
-            if isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
-                squared = self.trainer.strategy.reduce(squared, reduce_op="sum")  # shards -> global norm
-            self.log("train/grad_norm", squared.sqrt(), on_step=True)
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+        if not norms and not sharded:
+            return
+        # Sharded, a rank can hold no gradient at all (stage I's and train_params=mixer's few trainable
+        # parameters may all lie in other ranks' shards) and must still join the reduce, a collective.
+        device = self.trainer.strategy.root_device
+        squared = torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
+        if sharded:
+            squared = self.trainer.strategy.reduce(squared, reduce_op="sum")  # shards -> global norm
+        self.log("train/grad_norm", squared.sqrt(), on_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
