@@ -408,11 +408,15 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     def launch(num_warps: int, **extra: int | None) -> dict:
         return dict(num_warps=num_warps, num_stages=3, **extra)
 
+    # Long sequences at head dim 128 (L = 128): the settings the launch sweep measured fastest at both such
+    # shapes, (1, 32, 16384 | 65536, 128) on an H200: 2.83 -> 2.45 and 10.98 -> 9.32 ms (docs/benchmarks.md,
+    # seventh session). Elsewhere the sweep's winners differed between shapes or were within its noise.
+    long_128 = L == 128 and DV == 128
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
-               PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=False, gates_fp32=False,
+               PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128, gates_fp32=long_128,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
-               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=None), bwd_grads=launch(8),
-               bwd_dqdk=launch(8), bwd_dv=launch(8))
+               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
+               bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
