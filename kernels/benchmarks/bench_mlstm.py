@@ -10,6 +10,7 @@ reference first. Inputs: q, k, v ~ N(0,1) (q, k scaled by D**-0.5), igate ~ N(0,
 the backward gets a fixed random upstream gradient.
 
     python kernels/benchmarks/bench_mlstm.py --out $OUT --launch-sweep   # also times LAUNCH_GRID per shape
+    python kernels/benchmarks/bench_mlstm.py --out $OUT --graphs         # + ours and limit_chunk from CUDA graphs
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def fwd_bwd(fn, leaves, dh):
         fn().backward(dh)
 
     return lambda: do_bench(run, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
+
+
+def graphed_fwd_bwd(fn, leaves, dh):
+    """fwd_bwd of fn(*leaves) replayed from CUDA graphs (torch.cuda.make_graphed_callables captures the forward
+    and the backward): no host work per call, i.e. the kernels' time as a caller that graphs or compiles its
+    step sees it. None (and the reason printed) where capture fails."""
+    try:
+        graphed = torch.cuda.make_graphed_callables(fn, tuple(leaves), num_warmup_iters=3)
+        return fwd_bwd(lambda: graphed(*leaves), leaves, dh)()
+    except Exception as e:  # reported, not fatal: the eager columns stand without it
+        print(f"CUDA-graph capture failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
 
 
 def flops_bytes(B, NH, S, D, L):
@@ -162,7 +175,7 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names):
                            "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
 
 
-def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=()):
+def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False):
     (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
@@ -191,6 +204,14 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
             row[name] = fwd_bwd(lambda kern=kern: kern(q, k, v, ig, fg, chunk_size=64), leaves, dh)()
         except Exception as e:  # a peer that fails to compile on this triton is reported, not fatal
             print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    if graphs:  # ours and limit_chunk without host overhead (S = 4096 is host-bound eagerly: docs/benchmarks.md)
+        graphed = {"ours_graphed": lambda *x: mlstm(*x, backend="triton")}
+        if peers.get("mlstm_limit_chunk") is not None:
+            graphed["limit_chunk_graphed"] = lambda *x: peers["mlstm_limit_chunk"](*x, chunk_size=64)
+        for name, fn in graphed.items():
+            t = graphed_fwd_bwd(fn, leaves, dh)
+            if t is not None:
+                row[name] = t
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     row["sdpa_causal"] = fwd_bwd(sdpa, [q, k, v], dh)()
     row["flex_swa512_4sinks"] = fwd_bwd(lambda: attention(q, k, v, window=512, n_sinks=4, backend="flex"),
@@ -244,6 +265,8 @@ def bench_step(results):
 def write_markdown(path, results, checks, device):
     cols = ["ours_default", "ours_8docs", "mlstm_limit_chunk", "mlstm_xl_chunk", "sdpa_causal",
             "flex_swa512_4sinks", "hybrid_mixer"]
+    if any("ours_graphed" in r for r in results):
+        cols += ["ours_graphed", "limit_chunk_graphed"]
     lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",
@@ -256,6 +279,10 @@ def write_markdown(path, results, checks, device):
         ratio = f"{lc / r['ours_default']:.2f}x" if lc else "-"
         lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {ratio} | "
                      f"{r['sdpa_causal'] / r['hybrid_mixer']:.2f}x |")
+    if any("ours_graphed" in r and "limit_chunk_graphed" in r for r in results):
+        lines += ["", "Replayed from CUDA graphs (no host work per call), limit_chunk / ours: " + ", ".join(
+            f"{r['shape']}: {r['limit_chunk_graphed'] / r['ours_graphed']:.2f}x"
+            for r in results if "ours_graphed" in r and "limit_chunk_graphed" in r)]
     lines += ["", "Chunk-size sweep (ours, ms; TFLOP/s of our algorithm; "
               "floor = max(FLOPs / 790 TFLOP/s, bytes / 3 TB/s)):", ""]
     for r in results:
@@ -305,6 +332,8 @@ def main():
                     help="time ours under LAUNCH_GRID (all, or comma-separated names) and report the best per shape")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time ours and limit_chunk replayed from CUDA graphs (no host overhead per call)")
     args = ap.parse_args()
     launch_names = list(LAUNCH_GRID) if args.launch_sweep == "all" else [n for n in args.launch_sweep.split(",") if n]
     unknown = set(launch_names) - set(LAUNCH_GRID)
@@ -321,7 +350,7 @@ def main():
         if args.profile:
             profile_ours(*shape)
         bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],
-                    launch_names)
+                    launch_names, args.graphs)
         torch.cuda.empty_cache()
         write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
     bench_step(results)

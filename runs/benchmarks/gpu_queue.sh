@@ -21,8 +21,9 @@
 #               16 GB of weights, expected to bound it either way; not measured), 4k/32k/64k x batch 1/8
 #               (issue 9)                                                                  [>12; teacher 9]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
-#   kernels     the mLSTM benchmark with its chunk, state-tile and launch sweeps, per-kernel profile and
-#               host time per call (issue 3)                                                        [6]
+#   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours and limit_chunk also
+#               replayed from CUDA graphs (issue 3)                                             [~5, guess]
+#   kernels-sweep  the same with the state-tile and launch sweeps                           [8, H200 7th]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
@@ -43,6 +44,8 @@ job() {
                --out $ROOT/llama8b ;;
     ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
     kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
+               --graphs ;;
+    kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     smollm2) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out $ROOT/smollm2 \
                --profile 4096 65536 ;;
