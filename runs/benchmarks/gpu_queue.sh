@@ -8,7 +8,8 @@
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 # Issue the next `wait` as soon as one returns: a machine idle for 30 s is given back, with its queue.
 # On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
-# LANE=2,3 gives a queue two cards (for fsdp-two). `wait` waits for every lane. Each comparison still runs whole in one process on one card.
+# LANE=2,3 gives a queue two cards (for fsdp-two). `wait` waits for every lane. Each comparison still runs
+# whole in one process on one card.
 #   LANE=0 bash runs/benchmarks/gpu_queue.sh start memory llama8b; LANE=1 bash ... start gpu-tests ctx128k kernels
 #
 # Jobs, run in the order given (rough minutes in brackets, measured where a card and session are named; the
@@ -53,9 +54,8 @@ job() {
               --profile --out $ROOT/stage2.md ;;
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
-    fsdp-two) local v="runs/multinode/verify_fsdp.sh"
-              ROOT=$ROOT/fsdp bash $v setup && ROOT=$ROOT/fsdp JOB_SECONDS=300 bash $v two
-              local rc=$?; ROOT=$ROOT/fsdp bash $v summary; return $rc ;;
+    fsdp-two) ( export ROOT=$ROOT/fsdp; v=runs/multinode/verify_fsdp.sh
+                bash $v setup && JOB_SECONDS=300 bash $v two; rc=$?; bash $v summary; exit $rc ) ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }

@@ -103,7 +103,10 @@ job() {
   wait $pid
   local rc=$?
   local left_over; left_over=$(ps -o pid=,stat=,args= -s $pid | awk '$2 !~ /^Z/')  # zombies hold nothing
-  [ -n "$left_over" ] && { pkill -KILL -s $pid; echo "[$(date +%T)] $name: ended processes left in its session:"; echo "$left_over"; }
+  if [ -n "$left_over" ]; then
+    pkill -KILL -s $pid
+    echo "[$(date +%T)] $name: ended processes left in its session:"; echo "$left_over"
+  fi
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"
   [ $rc = 0 ] && touch "$ROOT/done/$name" || grep -v '^\s*$' "$ROOT/logs/$name.log" | tail -n 40
   return $rc
