@@ -113,7 +113,7 @@ def test_hflm_loglikelihoods_do_not_depend_on_batch_size(tiny_llama, tiny_tokeni
     assert torch.allclose(one, eight, atol=1e-4, rtol=1e-4), (one - eight).abs().max()
 
 
-def test_teacher_results_are_cached_per_teacher_suite_and_limit(tiny_tokenizer, eval_cache):
+def test_teacher_results_are_cached_per_teacher_dtype_suite_and_limit(tiny_tokenizer, eval_cache):
     spec = TinyTeacherSpec(tiny_tokenizer)
     suite = EvalSuite("cache", (SuiteTask("piqa"),), limit=2)
     first = harness.teacher_results(spec, suite, cache_dir=eval_cache)
@@ -121,6 +121,11 @@ def test_teacher_results_are_cached_per_teacher_suite_and_limit(tiny_tokenizer, 
     assert spec.loads == 1 and again == first
     assert harness.teacher_cache_path(spec, suite, 2, eval_cache).is_file()
     assert harness.teacher_cache_path(spec, suite, 3, eval_cache) != harness.teacher_cache_path(
+        spec, suite, 2, eval_cache
+    )
+    bf16 = TinyTeacherSpec(tiny_tokenizer)
+    bf16.torch_dtype = torch.bfloat16  # same weights at another precision: other scores, another entry
+    assert harness.teacher_cache_path(bf16, suite, 2, eval_cache) != harness.teacher_cache_path(
         spec, suite, 2, eval_cache
     )
     assert first["lit_xdistill"]["teacher"] == spec.identity
