@@ -377,13 +377,25 @@ class StudentModule(L.LightningModule):
         self.trainer.strategy.barrier("export")
 
     def gathered_student_state(self) -> dict[str, Tensor] | None:
-        """Under FSDP the student's full (unsharded) state dict on CPU, complete on rank 0; otherwise None.
+        """Under FSDP the student's full (unsharded) state dict on CPU on rank 0, empty on the other ranks;
+        otherwise None.
 
-        Collective: every rank must call it. Works with ``state_dict_type: sharded`` checkpoints too."""
-        if not isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+        Collective: every rank must call it. Works with ``state_dict_type: sharded`` checkpoints too.
+
+        On GPUs the gather is offloaded to CPU and kept on rank 0 only (``cpu_offload``: one full copy in
+        CPU memory, not one per GPU). When the shards already live on the CPU (FSDP on CPU with
+        gloo: the multi-GPU tests) it is not offloaded: FSDP1's offload (``FlatParamHandle.to_cpu``) frees
+        the gathered parameters' storage when ``.to("cpu")`` made no copy, and the state-dict hook then
+        clones freed memory (segfault on rank 0; pytorch#188989, still so in torch 2.13). Without offload
+        every rank gathers, and the non-zero ranks drop their copy. tests/multigpu/test_fsdp_export.py.
+        """
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.trainer.strategy.model, options=options)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=strategy.root_device.type != "cpu")
+        state = get_model_state_dict(strategy.model, options=options)
+        if not self.trainer.is_global_zero:
+            return {}
         return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
