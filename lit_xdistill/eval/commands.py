@@ -192,7 +192,7 @@ def load_exported_student(student: str | Path, teacher):
     """An exported student (registered Auto class) in its teacher's dtype, and its tokenizer
     (:func:`student_tokenizer`).
 
-    The teacher's dtype (``TeacherSpec.torch_dtype``, bf16 by default) so that Win-and-Tie compares models run
+    The teacher's dtype (``TeacherSpec.torch_dtype()``, bf16 by default) so that Win-and-Tie compares models run
     at the same precision. Left at its checkpoint's dtype, an export holds fp32 master weights, and every
     matmul and mLSTM kernel of the student would run in fp32 beside a bf16 teacher.
 
@@ -209,4 +209,5 @@ def load_exported_student(student: str | Path, teacher):
         raise FileNotFoundError(
             f"No student checkpoint at {folder}: pass a folder written by save_pretrained."
         )
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=teacher.torch_dtype), student_tokenizer(folder, teacher)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=teacher.torch_dtype())
+    return model, student_tokenizer(folder, teacher)

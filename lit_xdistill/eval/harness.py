@@ -226,7 +226,7 @@ def teacher_cache_path(
     """Where the teacher's results for (teacher identity and dtype, suite tasks + shots, limit) are cached.
 
     Args:
-        teacher: The teacher (its ``identity`` and ``torch_dtype`` are the key: scores depend on the precision).
+        teacher: The teacher (its ``identity`` and ``torch_dtype()`` are the key: scores depend on the precision).
         suite: The suite (its task names and shots are the key; metrics are read at comparison time).
         limit: Items per task.
         cache_dir: Cache root; default ``~/.cache/lit_xdistill``.
@@ -234,7 +234,7 @@ def teacher_cache_path(
     import lm_eval
 
     root = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
-    key = json.dumps([teacher.identity, str(teacher.torch_dtype), suite.fingerprint(), limit,
+    key = json.dumps([teacher.identity, str(teacher.torch_dtype()), suite.fingerprint(), limit,
                       getattr(lm_eval, "__version__", "")])
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in teacher.identity)[-60:]
     return (

@@ -342,8 +342,8 @@ class StudentModule(L.LightningModule):
                 saved); None saves ``self.student`` as it is.
         """
         student = self.student
-        if state is not None:
-            student = type(student)(student.config)
+        if state is not None:  # built without random initialisation (minutes of CPU at 8B), then filled
+            student = uninitialised_student(student.config, "cpu")
             student.load_state_dict(state)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,8 @@ def eval_cache(tmp_path_factory):
 class TinyTeacherSpec:
     """Stands in for ``lit_xdistill.teachers.TeacherSpec``: the same members, a tiny random Llama."""
 
-    torch_dtype = torch.float32
-
-    def __init__(self, tokenizer, seed: int = 1) -> None:
-        self.tokenizer, self.seed, self.loads = tokenizer, seed, 0
+    def __init__(self, tokenizer, seed: int = 1, dtype: torch.dtype = torch.float32) -> None:
+        self.tokenizer, self.seed, self.loads, self.dtype = tokenizer, seed, 0, dtype
         self.identity = f"tiny-llama-seed{seed}"
 
     def load_model(self):
@@ -68,3 +66,6 @@ class TinyTeacherSpec:
 
     def load_tokenizer(self):
         return self.tokenizer
+
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype

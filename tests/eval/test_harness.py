@@ -123,8 +123,7 @@ def test_teacher_results_are_cached_per_teacher_dtype_suite_and_limit(tiny_token
     assert harness.teacher_cache_path(spec, suite, 3, eval_cache) != harness.teacher_cache_path(
         spec, suite, 2, eval_cache
     )
-    bf16 = TinyTeacherSpec(tiny_tokenizer)
-    bf16.torch_dtype = torch.bfloat16  # same weights at another precision: other scores, another entry
+    bf16 = TinyTeacherSpec(tiny_tokenizer, dtype=torch.bfloat16)  # same weights, another precision: another entry
     assert harness.teacher_cache_path(bf16, suite, 2, eval_cache) != harness.teacher_cache_path(
         spec, suite, 2, eval_cache
     )
@@ -159,9 +158,7 @@ def test_exported_student_is_evaluated_in_its_teachers_dtype(tmp_path, tiny_toke
 
     folder = tmp_path / "student"
     student_from_teacher(make_tiny_llama(len(tiny_tokenizer), seed=2), "tiny").save_pretrained(folder)
-    teacher = TinyTeacherSpec(tiny_tokenizer)
-    teacher.torch_dtype = torch.bfloat16
-    model, _ = load_exported_student(folder, teacher)
+    model, _ = load_exported_student(folder, TinyTeacherSpec(tiny_tokenizer, dtype=torch.bfloat16))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
