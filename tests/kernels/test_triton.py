@@ -86,6 +86,7 @@ CPU_CASES = [
     ((2, 1, 53, 32, 16), 16, True, 5),  # several documents per row, one-token documents
     ((1, 1, 45, 128, 64), 16, True, 3),  # DQK split into blocks of 64 inside the kernels
     ((1, 1, 20, 64, 128), 32, False, 2),  # DV split, S < chunk
+    ((1, 1, 150, 128, 128), 128, True, 2),  # L = 128 at DV = 128: the long-sequence defaults (split backward, ...)
 ]
 
 
