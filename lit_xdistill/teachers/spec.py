@@ -79,10 +79,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
         except OSError:  # processes starting together convert at once; the first to finish publishes
             if not (out_dir / "config.json").exists():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful replace; else the loser's copy
     return out_dir
 
 

@@ -1,6 +1,7 @@
 """Shared pieces of the multi-GPU tests: the shipped configs, a CLI that stops before the Trainer exists,
-a tiny random teacher folder with the real SmolLM2 tokenizer, a few text documents, and a probe callback
-that records, per rank, what a distributed run did."""
+a tiny random teacher folder with the real SmolLM2 tokenizer, a few text documents, a probe callback
+that records, per rank, what a distributed run did, and the pieces that run a stage under real FSDP1 on CPU
+ranks (gloo)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,53 @@ def build_strategy_cli(*configs: Path):
     for path in configs:
         args += ["--config", str(path)]
     return StrategyProbeCLI(args=args, run=False)
+
+
+# -- real FSDP1 on CPU ranks (gloo): how test_alignment_fsdp_hooks.py and test_fsdp_export.py wrap a stage -----
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a spawned process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group; a collective that only some ranks join times out after 60 s."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def cpu_fsdp_strategy(world: int):
+    """configs/fsdp.yaml's FSDPStrategy (composed with align.yaml), made to serve ``world`` CPU ranks.
+
+    Only ``sync_module_states`` is off: FSDP refuses it for CPU tensors, and every rank converts the teacher
+    itself (deterministic, so the replicas are identical all the same)."""
+    align_yaml = next(p for p in STAGES if p.name == "align.yaml")
+    strategy = build_strategy_cli(align_yaml, FSDP_YAML).trainer_init["strategy"]
+    strategy.kwargs["sync_module_states"] = False
+    strategy.parallel_devices = [torch.device("cpu")] * world  # root_device (set by a Trainer in a real run)
+    return strategy
+
+
+def wrap_like_lightning(module: L.LightningModule, strategy):
+    """``module`` wrapped as lightning 2.6 ``FSDPStrategy._setup_model`` wraps it, on CPU: one root FSDP unit
+    with the strategy's policies, then activation checkpointing inside each unit."""
+    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = FullyShardedDataParallel(
+        module=module, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+        sharding_strategy=strategy.sharding_strategy, device_id=torch.device("cpu"), **strategy.kwargs)
+    _setup_activation_checkpointing(wrapped, strategy._activation_checkpointing_kwargs)
+    return wrapped
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,15 @@ it under FSDPStrategy), 1 and 2 ranks give the gradients of the plain module."""
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from multigpu_helpers import FSDP_YAML, STAGES, build_strategy_cli
+from multigpu_helpers import cpu_fsdp_strategy, free_port, init_gloo, wrap_like_lightning
 
-ALIGN_YAML = next(p for p in STAGES if p.name == "align.yaml")
 B, S = 2, 24
 
 
@@ -54,21 +50,15 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, route: bool, exact
     step, backward and the gradient-norm logging; saves the loss, the full gradients and the logged norm (or
     the error it met). A collective that only some ranks join times out after 60 s."""
     import torch.distributed as dist
-    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     import lit_xdistill.modules.alignment as alignment
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
-        strategy = build_strategy_cli(ALIGN_YAML, FSDP_YAML).trainer_init["strategy"]
-        # FSDP's broadcast of rank 0's weights refuses CPU tensors: every rank converts the teacher itself
-        # (deterministic, so the replicas are identical all the same)
-        strategy.kwargs["sync_module_states"] = False
-        strategy.parallel_devices = [torch.device("cpu")] * world  # root_device (set by a Trainer in a real run)
+        strategy = cpu_fsdp_strategy(world)
         if exact:  # fp32 compute, so that the gradients compare tightly with the plain module's
             strategy.mixed_precision = None
         if not route:
@@ -76,10 +66,7 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, route: bool, exact
         module = _module(teacher_dir)
         module._trainer = SimpleNamespace(strategy=strategy, world_size=world, global_rank=rank)
         module.configure_model()
-        wrapped = FullyShardedDataParallel(  # as lightning 2.6 FSDPStrategy._setup_model, on CPU
-            module=module, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
-            sharding_strategy=strategy.sharding_strategy, device_id=torch.device("cpu"), **strategy.kwargs)
-        _setup_activation_checkpointing(wrapped, strategy._activation_checkpointing_kwargs)
+        wrapped = wrap_like_lightning(module, strategy)
         blocks = module.student.decoder_layers()
         assert all(isinstance(b, FullyShardedDataParallel) and isinstance(b._fsdp_wrapped_module, CheckpointWrapper)
                    for b in blocks), "not one checkpointed FSDP unit per block"
@@ -105,10 +92,7 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, route: bool, exact
 
 
 def _spawn(world: int, teacher_dir: Path, out: Path, route: bool = True, exact: bool = True) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(world, port, str(teacher_dir), route, exact, str(out)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), str(teacher_dir), route, exact, str(out)), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")

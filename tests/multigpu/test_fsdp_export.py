@@ -22,20 +22,16 @@ the weights of the plain student's ``save_pretrained``, only rank 0 writes, and 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from multigpu_helpers import FSDP_YAML, STAGES, build_strategy_cli
+from multigpu_helpers import cpu_fsdp_strategy, free_port, init_gloo, wrap_like_lightning
 
-ALIGN_YAML = next(p for p in STAGES if p.name == "align.yaml")
 B, S, K = 2, 24, 4
 WORLD = 2
 DEADLINE_S = 150  # the whole 2-rank run; a collective that only one rank joins times out after 60 s
@@ -82,29 +78,21 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, out: str) -> None:
     import faulthandler
 
     import torch.distributed as dist
-    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     fault = open(Path(out) / f"fault{rank}.txt", "w")  # noqa: SIM115 - open until the process ends
     faulthandler.enable(fault)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     record: dict = {}
     try:
-        strategy = build_strategy_cli(ALIGN_YAML, FSDP_YAML).trainer_init["strategy"]
-        strategy.kwargs["sync_module_states"] = False  # refused for CPU tensors; conversion is deterministic
-        strategy.parallel_devices = [torch.device("cpu")] * world
+        strategy = cpu_fsdp_strategy(world)
         for stage in ("align", "kd"):
             module = _module(stage, teacher_dir, export_dir=str(Path(out) / stage / "student"))
             module._trainer = SimpleNamespace(strategy=strategy, world_size=world, global_rank=rank,
                                               is_global_zero=rank == 0, datamodule=None)
             module.configure_model()
-            wrapped = FullyShardedDataParallel(  # as lightning 2.6 FSDPStrategy._setup_model, on CPU
-                module=module, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
-                sharding_strategy=strategy.sharding_strategy, device_id=torch.device("cpu"), **strategy.kwargs)
-            _setup_activation_checkpointing(wrapped, strategy._activation_checkpointing_kwargs)
-            strategy.model = wrapped
+            strategy.model = wrapped = wrap_like_lightning(module, strategy)
             batch = _batch(module.student.config.vocab_size)
             _ForwardRedirection()(wrapped, module, "training_step", batch, 0).backward()
 
@@ -130,10 +118,7 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, out: str) -> None:
 
 def _spawn(teacher_dir: Path, out: Path) -> None:
     """Run the ranks; fail (with the ranks' errors and fault stacks) on a crash or past ``DEADLINE_S``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_rank, args=(WORLD, port, str(teacher_dir), str(out)), nprocs=WORLD,
+    context = mp.start_processes(_rank, args=(WORLD, free_port(), str(teacher_dir), str(out)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
