@@ -28,6 +28,9 @@
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
+#   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh, ABL_GPUS=2) into
+#               $ROOT/ablations; needs a lane of two cards (LANE=2,3) and `offline_bundle.sh unpack` done
+#               before it starts                                                          [~15, guess]
 #   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
 #               summary in $ROOT/fsdp); needs a lane of two cards, e.g. LANE=2,3                  [~10, guess]
 set -uo pipefail
@@ -54,6 +57,7 @@ job() {
               --profile --out $ROOT/stage2.md ;;
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
+    ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=2 bash runs/smollm2/ablations.sh ;;
     fsdp-two) ( export ROOT=$ROOT/fsdp; v=runs/multinode/verify_fsdp.sh
                 bash $v setup && JOB_SECONDS=300 bash $v two; rc=$?; bash $v summary; exit $rc ) ;;
     *) echo "unknown job $1" >&2; return 2 ;;
@@ -81,11 +85,13 @@ case ${1:-} in
     running() { for log in "$ROOT"/queue*.log; do grep -q QUEUE-DONE "$log" || return 0; done; return 1; }
     while (( SECONDS < end )) && running; do sleep 10; done
     for log in "$ROOT"/queue*.log; do
-      echo "--- $log"; grep -E '^(===|\{)|Error|error|passed|failed' "$log" | tail -40
+      echo "--- $log"; grep -E '^(===|\{)|\[smollm2\]|Error|error|passed|failed' "$log" | tail -40
     done
     out=${DEVICE_OUT:-$OUT}
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb 2>/dev/null))
+       stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       ablations/ablations.md ablations/*/summary.json ablations/*/eval/*.json ablations/*/eval/report.md \
+       ablations/*/tb 2>/dev/null))
     ;;
   *) echo "usage: $0 start JOB... | wait [seconds]" >&2; exit 2 ;;
 esac

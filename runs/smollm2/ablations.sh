@@ -5,7 +5,7 @@
 # and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
 # Writes $ABL_OUT/ablations.md: validation CE/KL (last validation of stage II) and α* (default suite,
 # first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
-# hybrid arm and the loss arms on GPU 0 beside the other mixer arms on GPU 1.
+# hybrid arm and the loss arms on the first card given beside the other mixer arms on the second.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ABL_OUT=${ABL_OUT:-$REPO/runs/smollm2-ablations}
@@ -39,9 +39,12 @@ loss_arm() {  # the hybrid arm's stage-I student; only the stage-II loss differs
 lane_hybrid() { mixer_arm hybrid; loss_arm 0.5-0.5; loss_arm 0-1; }
 lane_other_mixers() { mixer_arm swa-nosinks; mixer_arm mlstm; mixer_arm linear; }
 if (( ${ABL_GPUS:-1} >= 2 )); then  # two lanes side by side, one GPU each (estimated ~15 min instead of ~26; unmeasured)
-  CUDA_VISIBLE_DEVICES=1 lane_other_mixers &
+  # the first two of the cards given (CUDA_VISIBLE_DEVICES=2,3: physical 2 and 3; unset: 0 and 1)
+  IFS=, read -ra given <<<"${CUDA_VISIBLE_DEVICES:-0,1}"
+  (( ${#given[@]} >= 2 )) || { echo "ABL_GPUS=2 needs two cards, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES}" >&2; exit 2; }
+  CUDA_VISIBLE_DEVICES=${given[1]} lane_other_mixers &
   other=$!
-  CUDA_VISIBLE_DEVICES=0 lane_hybrid
+  CUDA_VISIBLE_DEVICES=${given[0]} lane_hybrid
   wait "$other"
 else
   lane_hybrid
