@@ -15,7 +15,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 out = Path(sys.argv[1])
-plots, summary = out / "plots", {}
+plots, summary, stage_scalars = out / "plots", {}, {}
 plots.mkdir(exist_ok=True)
 for stage_dir in sorted(p for p in (out / "tb").glob("*/recipe") if p.is_dir()):
     stage = stage_dir.parent.name
@@ -50,6 +50,7 @@ for stage_dir in sorted(p for p in (out / "tb").glob("*/recipe") if p.is_dir()):
         fig.tight_layout()
         fig.savefig(plots / f"{stage}_{name.replace('/', '_')}.png", dpi=120)
         plt.close(fig)
+    stage_scalars[stage] = scalars
     rate = list(scalars.get("train/tokens_per_s", {}).values())
     summary[stage] = {
         "max_steps": steps,
@@ -58,6 +59,23 @@ for stage_dir in sorted(p for p in (out / "tb").glob("*/recipe") if p.is_dir()):
         "median_tokens_per_s": round(statistics.median(rate)) if rate else None,
         "last": {tag: values[max(values)] for tag, values in scalars.items() if tag.startswith("val/")},
     }
+# one overview figure of the run: each stage's objective, train (every logged step) and validation
+panels = [(stage, train, val, title) for stage, train, val, title in (
+    ("align", "train/loss", "val/loss", "stage I: summed alignment MSE"),
+    ("kd", "train/kl", "val/kl", "stage II: KL(teacher || student)"),
+    ("kd", "train/ce", "val/ce", "stage II: CE")) if train in stage_scalars.get(stage, {})]
+if panels:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (stage, train, val, title) in zip(axes[0], panels):
+        for tag, style in ((train, dict(lw=0.8, alpha=0.6)), (val, dict(marker="o", lw=1.5))):
+            values = stage_scalars[stage].get(tag, {})
+            xs = sorted(values)
+            ax.plot(xs, [values[x] for x in xs], label=tag.split("/")[0], **style)
+        ax.set(title=title, xlabel="step", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "curves.png", dpi=120)
+    plt.close(fig)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PY

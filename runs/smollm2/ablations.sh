@@ -3,8 +3,8 @@
 # attention; each with its own stage I and stage II at 0.9/0.1) and stage-II loss weighting (0.5/0.5, 0/1,
 # from the hybrid arm's stage-I student). Every arm is the recipe with configs/smollm2/ablations/small.yaml
 # and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
-# Writes $ABL_OUT/ablations.md: validation CE/KL (last validation of stage II) and α* (default suite,
-# first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
+# Writes $ABL_OUT/ablations.{md,png} (ablation_table.py): validation CE/KL (last validation of stage II)
+# and α* (default suite, first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
 # hybrid arm and the loss arms on the first card given beside the other mixer arms on the second.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,26 +51,4 @@ else
   lane_other_mixers
 fi
 
-"$PY" - "$ABL_OUT" "${EVAL_SUITE:-$REPO/configs/eval/default.yaml}" <<'PY'
-import json, sys
-from pathlib import Path
-
-from lit_xdistill.eval.commands import compare_results
-from lit_xdistill.eval.report import load_results
-
-root, suite = Path(sys.argv[1]), sys.argv[2]
-arms = [("mixer-hybrid", "mLSTM + SWA + sinks", "0.9 / 0.1"), ("mixer-swa-nosinks", "mLSTM + SWA", "0.9 / 0.1"),
-        ("mixer-mlstm", "mLSTM only", "0.9 / 0.1"), ("mixer-linear", "linear attention", "0.9 / 0.1"),
-        ("loss-0.5-0.5", "mLSTM + SWA + sinks", "0.5 / 0.5"), ("loss-0-1", "mLSTM + SWA + sinks", "0 / 1")]
-lines = ["| arm | mixer | CE / KL weights | val CE | val KL | α* |", "|---|---|---|---:|---:|---:|"]
-for name, mixer, weights in arms:
-    arm = root / name
-    last = json.loads((arm / "summary.json").read_text())["kd"]["last"]
-    report = compare_results(load_results(arm / "eval/teacher.json"), load_results(arm / "eval/student.json"),
-                             suite=suite)
-    lines.append(f"| {name} | {mixer} | {weights} | {last['val/ce']:.4f} | {last['val/kl']:.4f} | "
-                 f"{report.alpha_star:.2f} |")
-table = "\n".join(lines) + "\n"
-(root / "ablations.md").write_text(table)
-print(table)
-PY
+"$PY" "$here/ablation_table.py" "$ABL_OUT" "${EVAL_SUITE:-$REPO/configs/eval/default.yaml}"

@@ -16,7 +16,9 @@
 #   bash runs/smollm2/two_gpus.sh wait 540     # in later calls: waits, prints progress, collects into $DEVICE_OUT
 # Settings come from the environment as for all.sh (lib.sh); LATE_TASKS are the tasks split off to GPU 1.
 # TRAIN_GPU / EVAL_GPU (default 0 / 1) pick the cards called GPU 0 and GPU 1 above, so a 4-GPU machine can run
-# the recipe on two of its cards and something else on the other two.
+# the recipe on two of its cards and something else on the other two. TRAIN_GPU = EVAL_GPU runs it all on one
+# card; then take EVAL_BATCH=32: at 64, three suite processes beside the logit-cache writer ran out of an H100's
+# 80 GB (MMLU's longest batch asks 16.8 GB for its fp32 log-softmax; 2026-11-27).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${OUT:-$here/../smollm2-out}
@@ -50,7 +52,10 @@ run_all() {
   }
   ( export CUDA_VISIBLE_DEVICES=$EVAL_GPU
     step 1 teacher scores: $LATE_TASKS / $split / $rest at once
-    parts teacher "$LATE_TASKS" "$split" "$rest"
+    # best effort: `evaluate` computes any teacher score missing from the cache, so a failed part costs time,
+    # not the run (on an H100 shared with training, MMLU's batch of 64 ran out of memory: see the header)
+    parts teacher "$LATE_TASKS" "$split" "$rest" ||
+      echo "[smollm2] teacher scores: a part failed; evaluate computes what is missing"
     while [[ ! -f $OUT/kd/student/config.json ]]; do kill -0 $$ 2>/dev/null || exit 1; sleep 10; done  # $$: GPU 0's shell
     step 1 student: $LATE_TASKS
     parts both "$LATE_TASKS" ) &

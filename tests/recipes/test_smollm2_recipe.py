@@ -129,6 +129,7 @@ def test_recipe_end_to_end_tiny(tiny, tmp_path):
     assert summary["kd"]["max_steps"] == 4 and summary["kd"]["tokens"] == 4 * 2 * 32
     assert {"val/ce", "val/kl"} <= set(summary["kd"]["last"])
     assert (out / "plots" / "kd_train_loss.png").is_file() and (out / "plots" / "align_align_mse.png").is_file()
+    assert (out / "plots" / "curves.png").is_file()  # the overview: both stages' objectives
 
     # a part of the suite stops before the merge (here while other tasks are still missing)
     part = run_script("30_eval.sh", {**env, "EVAL_TASKS": "arc_easy"}).stdout
@@ -160,3 +161,38 @@ def test_recipe_end_to_end_tiny(tiny, tmp_path):
     assert "recipe complete" in run_script("all.sh", {**env, "PIECE_SECONDS": "600"}).stdout
     # ... and a piece too short for any step stops with "call again" before starting one
     assert "piece used up" in run_script("all.sh", {**env, "PIECE_SECONDS": "5"}, check_rc=75).stdout
+
+
+def test_ablation_table_reports_finished_arms_and_marks_the_rest(tmp_path):
+    """ablation_table.py: values of the arms that finished, "not run" for an arm cut before its evaluation or
+    before any stage finished, and the figure."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_table", RUNS / "ablation_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def results(scores: dict[str, float]) -> dict:
+        return {"results": {t: {"alias": t, "acc,none": v, "acc_stderr,none": 0.01} for t, v in scores.items()},
+                "higher_is_better": {t: {"acc": True} for t in scores}}
+
+    def arm(name: str, ce: float | None, student: dict | None) -> None:
+        folder = tmp_path / name
+        (folder / "eval").mkdir(parents=True)
+        if ce is not None:
+            (folder / "summary.json").write_text(json.dumps({"kd": {"last": {"val/ce": ce, "val/kl": ce / 10}}}))
+        if student is not None:
+            (folder / "eval" / "teacher.json").write_text(json.dumps(results({"piqa": 0.60, "boolq": 0.40})))
+            (folder / "eval" / "student.json").write_text(json.dumps(results(student)))
+
+    arm("mixer-hybrid", 2.25, {"piqa": 0.60, "boolq": 0.41})  # ties one, wins one: C_0 = 1, α* = 0
+    arm("loss-0-1", 2.5, {"piqa": 0.54, "boolq": 0.38})       # loses both, by 10 % and 5 %
+    arm("mixer-linear", 4.0, None)                           # trained, evaluation cut
+    printed = table.main(tmp_path, None)
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in printed.splitlines()[2:]}
+    assert rows["mixer-hybrid"].endswith("| 2.2500 | 0.2250 | 1.000 | 0.00 |")
+    assert "| 0.000 | 0.05 |" in rows["loss-0-1"]  # C_α >= 0.5 once one of the two ties: at the 5 % loss
+    assert rows["mixer-linear"].endswith("| 4.0000 | 0.4000 | not run | not run |")
+    assert rows["mixer-mlstm"].endswith("| not run | not run | not run | not run |")  # no folder at all
+    assert (tmp_path / "ablations.md").read_text() == printed and (tmp_path / "ablations.png").stat().st_size > 0
