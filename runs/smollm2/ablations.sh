@@ -5,8 +5,15 @@
 # and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
 # Writes $ABL_OUT/ablations.{md,png} (ablation_table.py): validation CE/KL (last validation of stage II)
 # and α* (default suite, first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
-# hybrid arm and the loss arms on the first card given beside the other mixer arms on the second.
+# hybrid arm and the loss arms on the first card given beside the other mixer arms on the second. ABL_ARMS
+# (space-separated arm names, e.g. "mixer-linear") runs only those arms.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ARMS="mixer-hybrid mixer-swa-nosinks mixer-mlstm mixer-linear loss-0.5-0.5 loss-0-1"
+for arm in ${ABL_ARMS:-}; do  # ABL_ARMS="mixer-linear ...": only these arms (e.g. one cut by the device time)
+  [[ " $ARMS " == *" $arm "* ]] || { echo "ABL_ARMS: unknown arm $arm (arms: $ARMS)" >&2; exit 2; }
+done
+wanted() { [[ -z ${ABL_ARMS:-} || " $ABL_ARMS " == *" $1 "* ]]; }
+
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ABL_OUT=${ABL_OUT:-$REPO/runs/smollm2-ablations}
 mkdir -p "$ABL_OUT"
@@ -22,6 +29,7 @@ OUT=$ABL_OUT/mixer-hybrid EVAL_SIDE=teacher until_done "$here/30_eval.sh"
 
 mixer_arm() {  # its own stage I and stage II at 0.9/0.1
   local mixer=$1 step
+  wanted "mixer-$mixer" || return 0
   for step in 10_align 20_kd 30_eval 40_plots; do
     OUT=$ABL_OUT/mixer-$mixer EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-$mixer.yaml" \
       KD_CONFIGS="$arms_dir/loss-0.9-0.1.yaml" until_done "$here/$step.sh"
@@ -29,6 +37,9 @@ mixer_arm() {  # its own stage I and stage II at 0.9/0.1
 }
 loss_arm() {  # the hybrid arm's stage-I student; only the stage-II loss differs
   local loss=$1 arm=$ABL_OUT/loss-$1 step
+  wanted "loss-$loss" || return 0
+  # the hybrid arm's stage I (done already unless ABL_ARMS left the hybrid arm out)
+  OUT=$ABL_OUT/mixer-hybrid EXTRA_CONFIGS="$EXTRA_CONFIGS $arms_dir/mixer-hybrid.yaml" until_done "$here/10_align.sh"
   mkdir -p "$arm"
   ln -sfn ../mixer-hybrid/align "$arm/align"
   for step in 20_kd 30_eval 40_plots; do
