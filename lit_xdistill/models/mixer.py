@@ -26,17 +26,20 @@ Open choices of the method (METHOD.md), decided here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .cache import HybridCache, LayerCache, slot_positions
 from .configuration_xdistill import XDistillConfig
 from .decoding import StaticLayerCache, step_attention
 
 __all__ = [
-    "ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_mixer", "head_layout", "register_attention_function",
+    "ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_align_recorder", "attach_mixer", "head_layout",
+    "register_attention_function",
 ]
 
 ATTENTION_NAME = "xdistill"
@@ -52,6 +55,9 @@ class MixerContext:
     # than cache.is_empty, whose token count changes every step and would make a compiled step recompile
     align: bool = False  # stage I: return the teacher output, record the student's MSE against it
     align_losses: dict[int, Tensor] = field(default_factory=dict)  # layer -> MSE (filled when align)
+    # stage I: the MSE of the block running now, under one fixed name; a forward hook of the block
+    # (attach_align_recorder) files it under the block's layer in align_losses (HybridMixer.forward says why)
+    pending_align_loss: Tensor | None = None
 
 
 class FeatureMap(nn.Module):
@@ -232,7 +238,11 @@ class HybridMixer(nn.Module):
                 o = o.unsqueeze(-1)
                 out = (o * h.float() + (1 - o) * swa.float()).to(q.dtype)
         if ctx.align:
-            ctx.align_losses[self.layer_idx] = F.mse_loss(out.float(), teacher.detach().float())
+            # Not ctx.align_losses[self.layer_idx] here: inside a compiled block (compile_blocks) dynamo would guard
+            # on the dict's keys, which grow by one per layer, and on layer_idx, an int module attribute it treats
+            # as a constant; both differ per block, so every block compiled anew and past the recompile limit (8)
+            # ran eagerly. A write under a fixed name guards on neither; the block's eager forward hook files it.
+            ctx.pending_align_loss = F.mse_loss(out.float(), teacher.detach().float())
             return teacher
         return out
 
@@ -355,6 +365,26 @@ def _hand_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     """Forward pre-hook of an attention module: pass its input x_t on to the mixer (the gates read it)."""
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     return args, {**kwargs, "xdistill_x": x}
+
+
+@torch.compiler.disable  # eager even where the block's call is compiled: nn.Module.compile traces hooks as frames
+def _file_align_loss(layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    """Forward hook of a decoder block: move the mixer's stage-I loss into ``ctx.align_losses[layer_idx]``."""
+    ctx = kwargs.get("xdistill_ctx")
+    if isinstance(ctx, MixerContext) and ctx.pending_align_loss is not None:
+        ctx.align_losses[layer_idx] = ctx.pending_align_loss
+        ctx.pending_align_loss = None
+
+
+def attach_align_recorder(block: nn.Module, layer_idx: int) -> RemovableHandle:
+    """Install the forward hook that files a decoder block's stage-I loss under ``layer_idx``; returns its handle.
+
+    The per-layer bookkeeping lives in this eager hook rather than in the mixer, so that the compiled part of
+    every block is the same and identical blocks share one graph in stage I as in stage II. Installed for the
+    duration of an ``align`` forward only (``XDistillForCausalLM.forward``): a step compiled whole with
+    ``fullgraph`` (the static-cache decode step) inlines block hooks and cannot call a compiler-disabled one.
+    Registered last, so hooks installed before (``route_align_losses_through_blocks``) see the loss pending."""
+    return block.register_forward_hook(partial(_file_align_loss, layer_idx), with_kwargs=True)
 
 
 def register_attention_function() -> None:

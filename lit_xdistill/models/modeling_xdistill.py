@@ -16,6 +16,7 @@ on CUDA, the one-token decode step compiled (unless ``disable_compile=True``) an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,15 @@ from ..teachers.families import adapter_for
 from .cache import HybridCache
 from .configuration_xdistill import XDistillConfig
 from .decoding import StaticHybridCache
-from .mixer import ATTENTION_NAME, HybridMixer, MixerContext, attach_mixer, cache_doc_len, head_layout
+from .mixer import (
+    ATTENTION_NAME,
+    HybridMixer,
+    MixerContext,
+    attach_align_recorder,
+    attach_mixer,
+    cache_doc_len,
+    head_layout,
+)
 
 __all__ = ["XDistillForCausalLM", "XDistillOutput", "student_from_teacher", "document_positions"]
 
@@ -100,11 +109,16 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
         """The decoder blocks (what FSDP wraps and activation checkpointing recomputes)."""
         return adapter_for(self.backbone.config).decoder_layers(self.backbone)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str | Callable = "inductor") -> None:
         """``torch.compile`` each decoder block in place (``nn.Module.compile``: parameter names, checkpoints and
-        FSDP wrapping stay as they are). Identical blocks share one compiled graph; static shapes, as in training."""
+        FSDP wrapping stay as they are). Identical blocks share one compiled graph, in stage I (``align``) as in
+        stage II; static shapes, as in training.
+
+        Args:
+            backend: the ``torch.compile`` backend (tests use ``"eager"``: dynamo's guards and graphs, no codegen).
+        """
         for layer in self.decoder_layers():
-            layer.compile(dynamic=False)
+            layer.compile(dynamic=False, backend=backend)
 
     def mixers(self) -> list[HybridMixer]:
         """The hybrid mixers, one per layer."""
@@ -232,16 +246,26 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
                 position_ids = (document_positions(segment_ids) if segment_ids is not None
                                 else torch.arange(S, device=ref.device).expand(B, S))
         ctx = MixerContext(segment_ids=segment_ids, cache=cache, continuing=continuing, align=align)
-        out = self.backbone(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,
-            logits_to_keep=logits_to_keep,
-            xdistill_ctx=ctx,
-            **kwargs,
-        )
+        # stage I: the mixers leave their losses pending, these hooks file them per layer (mixer.py says why)
+        recorders = ([attach_align_recorder(layer, idx) for idx, layer in enumerate(self.decoder_layers())]
+                     if align else [])
+        try:
+            out = self.backbone(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+                xdistill_ctx=ctx,
+                **kwargs,
+            )
+        finally:
+            for handle in recorders:
+                handle.remove()
+        if ctx.pending_align_loss is not None:  # a block's hook never saw the context: a loss would be lost
+            raise RuntimeError("stage I: a mixer's alignment loss was not filed under its layer (the decoder block "
+                               "was called without xdistill_ctx in its keyword arguments)")
         if cache is not None:
             new_len = cache.doc_len + S if continuing else cache_doc_len(segment_ids, B, S, ref.device)
             cache.advance(new_len, S)

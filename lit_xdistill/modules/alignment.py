@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -83,7 +82,7 @@ class AlignmentModule(StudentModule):
 # its forward *returned*: the pre-backward hook on those outputs unshards the unit's parameters and moves it to
 # FORWARD_BACKWARD; the post-backward hook on its flat parameter (reduce-scatter, reshard) asserts that state.
 # In align mode a block returns the teacher's output, which needs no gradient, and its mixer's MSE leaves through
-# ``MixerContext.align_losses`` instead: the gradient then reaches the mixer without passing any output of the
+# the ``MixerContext`` instead: the gradient then reaches the mixer without passing any output of the
 # block, no pre-backward hook runs, and the first post-backward hook fails ("expected to be in states
 # [FORWARD_BACKWARD] but current state is IDLE"; with FULL_SHARD the parameters would also still be sharded for
 # the checkpoint recomputation). The two hooks below make the loss leave through the block's output (two view
@@ -127,17 +126,21 @@ def _cut_stream(module: nn.Module, args: tuple, kwargs: dict):
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def _route_block_loss(layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, output):
-    """Forward hook: route the block's alignment loss through its output (``_RouteLoss``) and put the routed
-    loss back into ``ctx.align_losses``, where ``AlignmentModule`` takes it from."""
+def _route_block_loss(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook: route the block's alignment loss through its output (``_RouteLoss``) and leave the routed loss
+    pending in the context, where the student's own hook (``attach_align_recorder``, registered after this one or
+    on the FSDP unit around the block) files it under the layer for ``AlignmentModule``.
+
+    Reads no layer index: under ``compile_blocks`` dynamo traces block hooks as frames of their own, and a per-layer
+    constant would make it compile this hook once per layer."""
     ctx = _align_ctx(kwargs)
     if ctx is None or not torch.is_grad_enabled():
         return None
-    loss = ctx.align_losses.get(layer_idx)
+    loss = ctx.pending_align_loss
     if loss is None or not loss.requires_grad:
         return None
     hidden = output if isinstance(output, Tensor) else output[0]
-    hidden, ctx.align_losses[layer_idx] = _RouteLoss.apply(hidden, loss)
+    hidden, ctx.pending_align_loss = _RouteLoss.apply(hidden, loss)
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
@@ -151,4 +154,4 @@ def route_align_losses_through_blocks(student) -> None:
         if len(mixers) != 1:
             raise RuntimeError(f"expected one hybrid mixer per decoder block, found {len(mixers)}")
         layer.register_forward_pre_hook(_cut_stream, with_kwargs=True)
-        layer.register_forward_hook(partial(_route_block_loss, mixers[0].layer_idx), with_kwargs=True)
+        layer.register_forward_hook(_route_block_loss, with_kwargs=True)
