@@ -90,8 +90,8 @@ case ${1:-} in
     out=${DEVICE_OUT:-$OUT}
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
        stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
-       ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json ablations/*/eval/report.md \
-       ablations/*/tb 2>/dev/null))
+       ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
+       ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;
   *) echo "usage: $0 start JOB... | wait [seconds]" >&2; exit 2 ;;
 esac
