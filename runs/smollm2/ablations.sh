@@ -4,9 +4,9 @@
 # from the hybrid arm's stage-I student). Every arm is the recipe with configs/smollm2/ablations/small.yaml
 # and its arm file composed on top; all share one token cache and one teacher logit cache (same blocks).
 # Writes $ABL_OUT/ablations.{md,png} (ablation_table.py): validation CE/KL (last validation of stage II)
-# and α* (default suite, first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the recipe. ABL_GPUS=2 runs the
-# hybrid arm and the loss arms on the first card given beside the other mixer arms on the second. ABL_ARMS
-# (space-separated arm names, e.g. "mixer-linear") runs only those arms.
+# and α* (default suite, first ABL_EVAL_LIMIT items per task). Re-running skips finished pieces, like the
+# recipe. ABL_GPUS=2 runs the hybrid arm and the loss arms on the first card given beside the other mixer arms
+# on the second. ABL_ARMS (space-separated arm names, e.g. "mixer-linear") runs only those arms.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ARMS="mixer-hybrid mixer-swa-nosinks mixer-mlstm mixer-linear loss-0.5-0.5 loss-0-1"
 for arm in ${ABL_ARMS:-}; do  # ABL_ARMS="mixer-linear ...": only these arms (e.g. one cut by the device time)
@@ -49,10 +49,13 @@ loss_arm() {  # the hybrid arm's stage-I student; only the stage-II loss differs
 }
 lane_hybrid() { mixer_arm hybrid; loss_arm 0.5-0.5; loss_arm 0-1; }
 lane_other_mixers() { mixer_arm swa-nosinks; mixer_arm mlstm; mixer_arm linear; }
-if (( ${ABL_GPUS:-1} >= 2 )); then  # two lanes side by side, one GPU each (estimated ~15 min instead of ~26; unmeasured)
+# two lanes side by side, one GPU each: > 30 min on two H100s of a host busy with other jobs (2026-11-27: all
+# but the last arm's evaluation); the suite evaluations (task set-up on the CPU) take most of it
+if (( ${ABL_GPUS:-1} >= 2 )); then
   # the first two of the cards given (CUDA_VISIBLE_DEVICES=2,3: physical 2 and 3; unset: 0 and 1)
   IFS=, read -ra given <<<"${CUDA_VISIBLE_DEVICES:-0,1}"
-  (( ${#given[@]} >= 2 )) || { echo "ABL_GPUS=2 needs two cards, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES}" >&2; exit 2; }
+  (( ${#given[@]} >= 2 )) ||
+    { echo "ABL_GPUS=2 needs two cards, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES}" >&2; exit 2; }
   CUDA_VISIBLE_DEVICES=${given[1]} lane_other_mixers &
   other=$!
   CUDA_VISIBLE_DEVICES=${given[0]} lane_hybrid
