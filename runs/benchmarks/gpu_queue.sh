@@ -28,7 +28,7 @@
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
-#   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh, ABL_GPUS=2) into
+#   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh; ABL_GPUS=1: one) into
 #               $ROOT/ablations; needs a lane of two cards (LANE=2,3) and `offline_bundle.sh unpack` done
 #               before it starts                                     [> 30, 2 x H100 8th, shared host]
 #   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
@@ -57,7 +57,7 @@ job() {
               --profile --out $ROOT/stage2.md ;;
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
-    ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=2 bash runs/smollm2/ablations.sh ;;
+    ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=${ABL_GPUS:-2} bash runs/smollm2/ablations.sh ;;
     fsdp-two) ( export ROOT=$ROOT/fsdp; v=runs/multinode/verify_fsdp.sh
                 bash $v setup && JOB_SECONDS=300 bash $v two; rc=$?; bash $v summary; exit $rc ) ;;
     *) echo "unknown job $1" >&2; return 2 ;;
