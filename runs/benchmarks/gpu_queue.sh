@@ -29,7 +29,7 @@
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
 #   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh; ABL_GPUS=1: one) into
-#               $ROOT/ablations; needs a lane of two cards (LANE=2,3) and `offline_bundle.sh unpack` done
+#               $ROOT/ablations; two cards (e.g. LANE=2,3) unless ABL_GPUS=1; `offline_bundle.sh unpack` done
 #               before it starts                                     [> 30, 2 x H100 8th, shared host]
 #   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
 #               summary in $ROOT/fsdp); needs a lane of two cards, e.g. LANE=2,3                  [~10, guess]
