@@ -21,6 +21,8 @@
 #   llama8b     Llama-3.1-8B shape, teacher + student, the student's decode step as a CUDA graph and also
 #               compiled: the graphed step alone ran 11.6 ms, 2.4x its 16 GB weight-read roofline (H100 8th),
 #               4k/32k/64k x batch 1/8 (issue 9)                              [8 without student_compiled, H100 8th]
+#   llama8b-full  the same on issue 9's whole grid: contexts 1k-128k x batch 1/8/32 (points that do not fit
+#               are recorded as out of memory); --resume skips the points `llama8b` measured  [~25, guess]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours and limit_chunk also
 #               replayed from CUDA graphs (issue 3)                                             [~5, guess]
@@ -46,6 +48,8 @@ job() {
     gpu-tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference ;;
     llama8b) $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 --models teacher student student_compiled \
                --resume --out $ROOT/llama8b ;;
+    llama8b-full) $B --shape llama8b --contexts 1024 4096 16384 32768 65536 131072 --batches 1 8 32 \
+                    --models teacher student student_compiled --resume --out $ROOT/llama8b ;;
     ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
     kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
                --graphs ;;
