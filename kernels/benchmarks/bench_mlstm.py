@@ -205,7 +205,10 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
         except Exception as e:  # a peer that fails to compile on this triton is reported, not fatal
             print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if graphs:  # ours and limit_chunk without host overhead (S = 4096 is host-bound eagerly: docs/benchmarks.md)
-        graphed = {"ours_graphed": lambda *x: mlstm(*x, backend="triton")}
+        graphed = {"ours_graphed": lambda *x: mlstm(*x, backend="triton"),
+                   # the segment ids are fixed inputs of the graph; tells the packed path's kernel time from
+                   # its extra host work (its eager time grows most at the small shapes)
+                   "ours_8docs_graphed": lambda *x: mlstm(*x, segment_ids=seg8, backend="triton")}
         if peers.get("mlstm_limit_chunk") is not None:
             graphed["limit_chunk_graphed"] = lambda *x: peers["mlstm_limit_chunk"](*x, chunk_size=64)
         for name, fn in graphed.items():
@@ -268,7 +271,7 @@ def write_markdown(path, results, checks, device):
     cols = ["ours_default", "ours_8docs", "mlstm_limit_chunk", "mlstm_xl_chunk", "sdpa_causal",
             "flex_swa512_4sinks", "hybrid_mixer"]
     if any("ours_graphed" in r for r in results):
-        cols += ["ours_graphed", "limit_chunk_graphed"]
+        cols += ["ours_graphed", "ours_8docs_graphed", "limit_chunk_graphed"]
     lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",

@@ -24,8 +24,8 @@
 #   llama8b-full  the same on issue 9's whole grid: contexts 1k-128k x batch 1/8/32 (points that do not fit
 #               are recorded as out of memory); --resume skips the points `llama8b` measured  [~25, guess]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
-#   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours and limit_chunk also
-#               replayed from CUDA graphs (issue 3)                                             [~5, guess]
+#   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours (1 and 8 docs) and limit_chunk
+#               also replayed from CUDA graphs (issue 3)                                        [6, H100 8th]
 #   kernels-sweep  the same with the state-tile and launch sweeps                           [8, H200 7th]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
