@@ -38,8 +38,8 @@ from .configuration_xdistill import XDistillConfig
 from .decoding import StaticLayerCache, step_attention
 
 __all__ = [
-    "ATTENTION_NAME", "HybridMixer", "MixerContext", "attach_align_recorder", "attach_mixer", "head_layout",
-    "register_attention_function",
+    "ATTENTION_NAME", "HybridMixer", "MixerContext", "align_context", "attach_align_recorder", "attach_mixer",
+    "head_layout", "register_attention_function",
 ]
 
 ATTENTION_NAME = "xdistill"
@@ -367,11 +367,17 @@ def _hand_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     return args, {**kwargs, "xdistill_x": x}
 
 
+def align_context(block_kwargs: dict) -> MixerContext | None:
+    """The stage-I ``MixerContext`` among a decoder block's call arguments (block hooks), or None outside stage I."""
+    ctx = block_kwargs.get("xdistill_ctx")
+    return ctx if isinstance(ctx, MixerContext) and ctx.align else None
+
+
 @torch.compiler.disable  # eager even where the block's call is compiled: nn.Module.compile traces hooks as frames
 def _file_align_loss(layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
     """Forward hook of a decoder block: move the mixer's stage-I loss into ``ctx.align_losses[layer_idx]``."""
-    ctx = kwargs.get("xdistill_ctx")
-    if isinstance(ctx, MixerContext) and ctx.pending_align_loss is not None:
+    ctx = align_context(kwargs)
+    if ctx is not None and ctx.pending_align_loss is not None:
         ctx.align_losses[layer_idx] = ctx.pending_align_loss
         ctx.pending_align_loss = None
 

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from ..models.mixer import HybridMixer, MixerContext
+from ..models.mixer import HybridMixer, align_context
 from ..teachers import TeacherSpec
 from .base import StudentModule, StudentOptions
 
@@ -109,18 +109,13 @@ class _RouteLoss(torch.autograd.Function):
         return grad_hidden, grad_loss
 
 
-def _align_ctx(kwargs: dict) -> MixerContext | None:
-    ctx = kwargs.get("xdistill_ctx")
-    return ctx if isinstance(ctx, MixerContext) and ctx.align else None
-
-
 def _cut_stream(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: a block's inputs enter without autograd history (only stage I's forward).
 
     The routed block output requires grad; without the cut every later block would record (and backward would
     run) its whole frozen teacher computation against it. Stage I never trains through the stream, so no
     gradient changes. Runs inside the checkpointed region, identically in the recomputation."""
-    if _align_ctx(kwargs) is None:
+    if align_context(kwargs) is None:
         return None
     cut = lambda v: v.detach() if isinstance(v, Tensor) and v.requires_grad else v  # noqa: E731
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
@@ -133,7 +128,7 @@ def _route_block_loss(module: nn.Module, args: tuple, kwargs: dict, output):
 
     Reads no layer index: under ``compile_blocks`` dynamo traces block hooks as frames of their own, and a per-layer
     constant would make it compile this hook once per layer."""
-    ctx = _align_ctx(kwargs)
+    ctx = align_context(kwargs)
     if ctx is None or not torch.is_grad_enabled():
         return None
     loss = ctx.pending_align_loss
