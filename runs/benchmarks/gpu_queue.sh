@@ -35,6 +35,20 @@
 #               before it starts                                     [> 30, 2 x H100 8th, shared host]
 #   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
 #               summary in $ROOT/fsdp); needs a lane of two cards, e.g. LANE=2,3                  [~10, guess]
+#   fsdp-setup, fsdp-lanes, fsdp-wintie, fsdp-four, fsdp-summary
+#               issue 7 on a 4-GPU machine: runs/multinode/verify_fsdp.sh's phases of those names, in
+#               $ROOT/fsdp, each job capped at FSDP_JOB_SECONDS (default 300); start them without LANE (the
+#               phases name their cards themselves: lanes uses 0-2, four all four). FSDP_SKIP: jobs to leave out
+#   await-JOB   waits until JOB has ended in any lane of this machine (each ended job leaves $ROOT/flags/JOB),
+#               at most AWAIT_SECONDS (default 1200): lets a 4-GPU job start only when the card-3 lane is free
+#   llama8b-short  the Llama-3.1-8B rows `llama8b` leaves out at 1k and 16k, batch 1/8/32 (issue 9) [~8, guess]
+#
+# Issue 7 + issue 10's last arm on one 4-GPU hold (cards: FSDP 1- and 2-GPU jobs on 0-2 beside the ablation on
+# 3; the 4-GPU jobs once lanes 2 and 3 have ended):
+#   bash runs/benchmarks/gpu_queue.sh start fsdp-setup fsdp-lanes fsdp-wintie await-ablations \
+#        await-llama8b-short fsdp-four fsdp-summary
+#   LANE=3 ABL_ARMS=mixer-linear ABL_GPUS=1 bash runs/benchmarks/gpu_queue.sh start ablations
+#   LANE=2 bash runs/benchmarks/gpu_queue.sh start await-fsdp-lanes llama8b-short
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=/root/bench
@@ -64,6 +78,14 @@ job() {
     ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=${ABL_GPUS:-2} bash runs/smollm2/ablations.sh ;;
     fsdp-two) ( export ROOT=$ROOT/fsdp; v=runs/multinode/verify_fsdp.sh
                 bash $v setup && JOB_SECONDS=300 bash $v two; rc=$?; bash $v summary; exit $rc ) ;;
+    fsdp-setup|fsdp-lanes|fsdp-wintie|fsdp-four|fsdp-summary)
+      ROOT=$ROOT/fsdp JOB_SECONDS=${FSDP_JOB_SECONDS:-300} SKIP=${FSDP_SKIP:-} \
+        bash runs/multinode/verify_fsdp.sh "${1#fsdp-}" ;;
+    await-*) local flag=$ROOT/flags/${1#await-} end=$((SECONDS + ${AWAIT_SECONDS:-1200}))
+      while [[ ! -e $flag ]] && (( SECONDS < end )); do sleep 5; done
+      [[ -e $flag ]] || { echo "${1#await-} did not end within ${AWAIT_SECONDS:-1200} s" >&2; return 1; } ;;
+    llama8b-short) $B --shape llama8b --contexts 1024 16384 --batches 1 8 32 \
+                     --models teacher student student_compiled --resume --out $ROOT/llama8b ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }
@@ -72,14 +94,18 @@ case ${1:-} in
   start)
     shift
     (( $# )) || { echo "name the jobs to run (see the header)" >&2; exit 2; }
-    for j in "$@"; do grep -q "^    $j)" "$0" || { echo "unknown job $j" >&2; exit 2; }; done
-    mkdir -p "$ROOT"
+    for j in "$@"; do
+      [[ $j == await-* ]] || grep -qE "^    ([a-z0-9|-]+\|)?$j[|)]" "$0" || { echo "unknown job $j" >&2; exit 2; }
+    done
+    mkdir -p "$ROOT/flags"
     [[ -z $LANE ]] || export CUDA_VISIBLE_DEVICES=$LANE
     source runs/smollm2/device_env.sh >/dev/null
     export OMP_NUM_THREADS=8 ROOT
     export -f job
     setsid nohup bash -c '
-      for j in "$@"; do echo "=== $(date -u +%T) $j"; job "$j"; echo "=== rc=$? $(date -u +%T)"; done
+      for j in "$@"; do
+        echo "=== $(date -u +%T) $j"; job "$j"; echo "=== rc=$? $(date -u +%T)"; touch "$ROOT/flags/$j"
+      done
       echo QUEUE-DONE
     ' queue "$@" > "$ROOT/queue${LANE//,/-}.log" 2>&1 < /dev/null &
     echo "queue started ($*): $ROOT/queue${LANE//,/-}.log"
