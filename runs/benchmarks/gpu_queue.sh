@@ -33,18 +33,21 @@
 #   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh; ABL_GPUS=1: one) into
 #               $ROOT/ablations; two cards (e.g. LANE=2,3) unless ABL_GPUS=1; `offline_bundle.sh unpack` done
 #               before it starts                                     [> 30, 2 x H100 8th, shared host]
-#   fsdp-two    issue 7's 8B-shaped FSDP jobs on 1 and 2 GPUs (runs/multinode/verify_fsdp.sh setup, two,
-#               summary in $ROOT/fsdp); needs a lane of two cards, e.g. LANE=2,3                  [~10, guess]
-#   fsdp-setup, fsdp-lanes, fsdp-wintie, fsdp-four, fsdp-summary
-#               issue 7 on a 4-GPU machine: runs/multinode/verify_fsdp.sh's phases of those names, in
-#               $ROOT/fsdp, each job capped at FSDP_JOB_SECONDS (default 300); start them without LANE (the
-#               phases name their cards themselves: lanes uses 0-2, four all four). FSDP_SKIP: jobs to leave out
+#   fsdp-setup, fsdp-two, fsdp-lanes, fsdp-wintie, fsdp-four, fsdp-summary
+#               issue 7: runs/multinode/verify_fsdp.sh's phases of those names, in $ROOT/fsdp, each job capped at
+#               FSDP_JOB_SECONDS (default 300). The phases name their cards as positions among those given:
+#               without LANE all cards (lanes uses 0-2, four all four); LANE=2,3 fsdp-setup fsdp-two fsdp-summary
+#               runs the 1- and 2-GPU half on two cards. FSDP_SKIP: jobs to leave out; BIG_STEPS: steps of the
+#               8B jobs (12). Ninth session, 4 x H200: setup 2 min, lanes 4 min, wintie 1.5 min, align8b_4 and
+#               kdmix8b_4 1.5 min each
 #   await-JOB   waits until JOB has ended in any lane of this machine (each ended job leaves $ROOT/flags/JOB),
-#               at most AWAIT_SECONDS (default 1200): lets a 4-GPU job start only when the card-3 lane is free
-#   llama8b-short  the Llama-3.1-8B rows `llama8b` leaves out at 1k and 16k, batch 1/8/32 (issue 9) [~8, guess]
+#               at most AWAIT_SECONDS (default 1200): lets a 4-GPU job start only when the card-3 lane is free.
+#               The waiting lane idles for as long as the awaited job runs: await only jobs with a measured time
+#   llama8b-short  the Llama-3.1-8B rows `llama8b` leaves out at 1k and 16k, batch 1/8/32 (issue 9)
+#               [18, H200 9th, beside FSDP jobs]
 #
-# Issue 7 + issue 10's last arm on one 4-GPU hold (cards: FSDP 1- and 2-GPU jobs on 0-2 beside the ablation on
-# 3; the 4-GPU jobs once lanes 2 and 3 have ended):
+# Ninth session, one 4-GPU hold: FSDP 1- and 2-GPU jobs on cards 0-2 beside issue 10's last ablation arm on card 3
+# (14 min, H200), then the 4-GPU jobs once the lanes on cards 2 and 3 had ended (docs/multigpu.md):
 #   bash runs/benchmarks/gpu_queue.sh start fsdp-setup fsdp-lanes fsdp-wintie await-ablations \
 #        await-llama8b-short fsdp-four fsdp-summary
 #   LANE=3 ABL_ARMS=mixer-linear ABL_GPUS=1 bash runs/benchmarks/gpu_queue.sh start ablations
@@ -76,9 +79,7 @@ job() {
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
     ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=${ABL_GPUS:-2} bash runs/smollm2/ablations.sh ;;
-    fsdp-two) ( export ROOT=$ROOT/fsdp; v=runs/multinode/verify_fsdp.sh
-                bash $v setup && JOB_SECONDS=300 bash $v two; rc=$?; bash $v summary; exit $rc ) ;;
-    fsdp-setup|fsdp-lanes|fsdp-wintie|fsdp-four|fsdp-summary)
+    fsdp-setup|fsdp-two|fsdp-lanes|fsdp-wintie|fsdp-four|fsdp-summary)
       ROOT=$ROOT/fsdp JOB_SECONDS=${FSDP_JOB_SECONDS:-300} SKIP=${FSDP_SKIP:-} \
         bash runs/multinode/verify_fsdp.sh "${1#fsdp-}" ;;
     await-*) local flag=$ROOT/flags/${1#await-} end=$((SECONDS + ${AWAIT_SECONDS:-1200}))
@@ -118,7 +119,7 @@ case ${1:-} in
       echo "--- $log"; grep -E '^(===|\{)|\[smollm2\]|Error|error|passed|failed' "$log" | tail -40
     done
     out=${DEVICE_OUT:-$OUT}
-    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read $(ls -d */results.json */inference.* */profile.md \
+    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints $(ls -d */results.json */inference.* */profile.md \
        stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))

@@ -48,9 +48,11 @@ def throughput(runs: dict[str, dict]) -> list[dict]:
             continue
         n = gpus_of(name)
         mem = scalars.get("train/gpu_mem_gb", {})
-        rows.append({"run": name, "gpus": n, "steps": len(rate) + 1, "tokens_per_s": statistics.median(steady),
-                     "tokens_per_s_per_gpu": statistics.median(steady) / n,
-                     "peak_mem_gb": max(mem.values()) if mem else None})
+        # the step-to-step spread says how far apart two medians must be to differ (shared hosts are noisy)
+        q1, _, q3 = statistics.quantiles(steady, n=4) if len(steady) > 1 else (steady[0],) * 3
+        rows.append({"run": name, "gpus": n, "steps": len(rate) + 1, "steady_steps": len(steady),
+                     "tokens_per_s": statistics.median(steady), "tokens_per_s_per_gpu": statistics.median(steady) / n,
+                     "tokens_per_s_per_gpu_iqr": [q1 / n, q3 / n], "peak_mem_gb": max(mem.values()) if mem else None})
     for row in rows:  # efficiency against the same stage at the smallest GPU count that ran
         family = row["run"].rsplit("_", 1)[0]
         base = min((r for r in rows if r["run"].rsplit("_", 1)[0] == family), key=lambda r: r["gpus"])
@@ -127,10 +129,14 @@ def plot(runs: dict[str, dict], rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     if rows:
         ax_rate = axes[2]
-        ax_rate.bar([r["run"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows])
+        medians = [r["tokens_per_s_per_gpu"] for r in rows]
+        spread = [[m - r["tokens_per_s_per_gpu_iqr"][0] for m, r in zip(medians, rows)],
+                  [r["tokens_per_s_per_gpu_iqr"][1] - m for m, r in zip(medians, rows)]]
+        ax_rate.bar([r["run"] for r in rows], medians, yerr=spread, capsize=4)
         for i, r in enumerate(rows):
             ax_rate.annotate(f"{r['efficiency']:.0%}", (i, r["tokens_per_s_per_gpu"]), ha="center", va="bottom")
-        ax_rate.set(ylabel="tokens/s per GPU (median)", title="8B shape, 4096 x 1 per GPU (label: efficiency)")
+        ax_rate.set(ylabel="tokens/s per GPU (median; bars: quartiles of the steps)",
+                    title="8B shape, 4096 x 1 per GPU (label: efficiency)")
         ax_rate.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -152,11 +158,13 @@ def main(root: Path) -> None:
                             if tag.startswith("wintie/")},
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| run | GPUs | tokens/s (all) | tokens/s per GPU | efficiency | peak mem GB (rank 0) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | GPUs | steps timed | tokens/s (all) | tokens/s per GPU (quartiles) | efficiency | "
+             "peak mem GB (rank 0) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+        q1, q3 = r["tokens_per_s_per_gpu_iqr"]
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['steady_steps']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s_per_gpu']:,.0f} ({q1:,.0f}-{q3:,.0f}) | "
                      f"{r['efficiency']:.1%} (vs {r['efficiency_vs']}) | {mem} |")
     for key in ("parity_1_vs_2_gpus", "resume_4_to_2_vs_uninterrupted_2", "resume_4_first_20_vs_2",
                 "export_vs_checkpoint", "wintie_callback"):

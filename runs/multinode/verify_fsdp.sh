@@ -5,7 +5,8 @@
 #   bash runs/multinode/verify_fsdp.sh setup    # random-weight teachers (8B shape + small) and the token cache
 #   bash runs/multinode/verify_fsdp.sh four     # 4-GPU jobs: resume test (part 1), stage I and II at 4 GPUs
 #   bash runs/multinode/verify_fsdp.sh lanes    # 1- and 2-GPU jobs, three lanes side by side (GPUs 0-1, 2, 3)
-#   bash runs/multinode/verify_fsdp.sh two      # on a 2-GPU machine instead: the 8B jobs on 1 and 2 GPUs
+#   bash runs/multinode/verify_fsdp.sh two      # the 8B jobs on 1 and 2 GPUs, one at a time (a 2-GPU machine, or
+#                                               # with `four` the scaling rows without co-tenants)
 #   bash runs/multinode/verify_fsdp.sh wintie   # WinTieCallback + end-of-fit export under FSDP, 2 GPUs
 #   bash runs/multinode/verify_fsdp.sh summary  # runs/multinode/summarize_fsdp.py -> $ROOT/summary.{md,json,png}
 #   bash runs/multinode/verify_fsdp.sh collect  # logs, TensorBoard events, summary, benchmarks -> $DEVICE_OUT/fsdp.tgz
@@ -15,9 +16,9 @@
 # jobs are skipped. JOB_SECONDS=N also caps each job (one stuck job then leaves time for the next).
 #
 # Jobs (all Llama-shaped random-weight teachers and their hybrid students, data: Python stdlib source text):
-#   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x 1 sequence per GPU, 12 steps  -> scaling
+#   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x 1 sequence per GPU, BIG_STEPS (12) steps -> scaling
 #   kd8b_4           stage II, full fine-tuning, live sharded teacher, same sizes, 4 GPUs
-#   kdmix8b_{2,4}    stage II with train_params=mixer (full fine-tuning of 8B needs ~65 GB/GPU of AdamW state
+#   kdmix8b_{1,2,4}  stage II with train_params=mixer (1 GPU: `two` only) (full fine-tuning of 8B needs ~65 GB/GPU of AdamW state
 #                    alone on 2 GPUs: docs/multigpu.md)                                        -> scaling
 #   parity{1,2}      small model (8 x 1024 hidden), stage II, global batch 8 x 1024, 50 steps   -> same loss
 #   resume4, resume2 the parity run: 20 steps on 4 GPUs, then resumed on 2 GPUs to step 40    -> 4 -> 2 resume
@@ -55,7 +56,7 @@ else
   L8=$ROOT/llama8b; SMALL=$ROOT/llama-small
   BIG_SIZE=(); SMALL_SIZE=(--layers 8 --hidden 1024 --intermediate 2816 --heads 16 --kv-heads 4 --vocab 49152)
   STRATEGY=(--config configs/fsdp.yaml)
-  BIG_SEQ=4096; SMALL_SEQ=1024; BIG_STEPS=12
+  BIG_SEQ=4096; SMALL_SEQ=1024; BIG_STEPS=${BIG_STEPS:-12}
 fi
 TEXT=$ROOT/text
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -183,8 +184,10 @@ lanes() {  # three lanes side by side on disjoint GPUs
   cat "$ROOT"/logs/lane*.txt
 }
 
-two() {  # a machine with 2 GPUs (when no 4-GPU machine is lent): the 8B jobs on 1 and 2 GPUs, one after the other
+two() {  # the 8B jobs on 1 and 2 GPUs one after the other, each alone on the machine (with `four`: the scaling
+          # rows without co-tenants; the ninth session's 1-GPU baseline ran beside other jobs)
   fit align8b_1 0 $(big align)
+  fit kdmix8b_1 0 $(big kd) --model.init_args.student.init_from null --model.init_args.train_params mixer
   fit align8b_2 0,1 $(big align)
   fit kdmix8b_2 0,1 $(big kd) --model.init_args.student.init_from null --model.init_args.train_params mixer
 }
