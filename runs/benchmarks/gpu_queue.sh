@@ -22,7 +22,9 @@
 #               compiled: the graphed step alone ran 11.6 ms, 2.4x its 16 GB weight-read roofline (H100 8th),
 #               4k/32k/64k x batch 1/8 (issue 9)                              [8 without student_compiled, H100 8th]
 #   llama8b-full  the same on issue 9's whole grid: contexts 1k-128k x batch 1/8/32 (points that do not fit
-#               are recorded as out of memory); --resume skips the points `llama8b` measured  [~25, guess]
+#               are recorded as out of memory); --resume skips the points `llama8b` measured. [~50 by the 9th
+#               session's ~1 min per point and model: more than one hold; the grid is llama8b + llama8b-short +
+#               llama8b-long, e.g. on the two cards of one nvidia-h100-x2 hold]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours (1 and 8 docs) and limit_chunk
 #               also replayed from CUDA graphs (issue 3)                                        [6, H100 8th]
@@ -45,6 +47,8 @@
 #               The waiting lane idles for as long as the awaited job runs: await only jobs with a measured time
 #   llama8b-short  the Llama-3.1-8B rows `llama8b` leaves out at 1k and 16k, batch 1/8/32 (issue 9)
 #               [18, H200 9th, beside FSDP jobs]
+#   llama8b-long   the rest of issue 9's 8B grid: 128k at batch 1/8/32, batch 32 at 4k/32k/64k (points that do
+#               not fit are recorded as out of memory)                             [~20, by the 9th's per-point time]
 #
 # Ninth session, one 4-GPU hold: FSDP 1- and 2-GPU jobs on cards 0-2 beside issue 10's last ablation arm on card 3
 # (14 min, H200), then the 4-GPU jobs once the lanes on cards 2 and 3 had ended (docs/multigpu.md):
@@ -87,6 +91,10 @@ job() {
       [[ -e $flag ]] || { echo "${1#await-} did not end within ${AWAIT_SECONDS:-1200} s" >&2; return 1; } ;;
     llama8b-short) $B --shape llama8b --contexts 1024 16384 --batches 1 8 32 \
                      --models teacher student student_compiled --resume --out $ROOT/llama8b ;;
+    llama8b-long) $B --shape llama8b --contexts 131072 --batches 1 8 32 --models teacher student student_compiled \
+                    --resume --out $ROOT/llama8b-long &&
+                  $B --shape llama8b --contexts 4096 32768 65536 --batches 32 \
+                    --models teacher student student_compiled --resume --out $ROOT/llama8b-long ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }
