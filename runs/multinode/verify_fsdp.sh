@@ -16,7 +16,8 @@
 # jobs are skipped. JOB_SECONDS=N also caps each job (one stuck job then leaves time for the next).
 #
 # Jobs (all Llama-shaped random-weight teachers and their hybrid students, data: Python stdlib source text):
-#   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x 1 sequence per GPU, BIG_STEPS (12) steps -> scaling
+#   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x BIG_BATCH (1) sequences per GPU, BIG_STEPS (12)
+#                    steps -> scaling
 #   kd8b_4           stage II, full fine-tuning, live sharded teacher, same sizes, 4 GPUs
 #   kdmix8b_{1,2,4}  stage II with train_params=mixer (1 GPU: `two` only) (full fine-tuning of 8B needs ~65 GB/GPU of AdamW state
 #                    alone on 2 GPUs: docs/multigpu.md)                                        -> scaling
@@ -73,7 +74,7 @@ common() {
 # The 8B-shaped jobs: no checkpoints and no export (an 8B sharded checkpoint with AdamW state is ~130 GB).
 big() {
   echo --config "configs/$1.yaml" --model.init_args.teacher.name "$L8" --data.tokenizer "$L8" \
-       --data.seq_len $BIG_SEQ --data.batch_size 1 --trainer.max_steps $BIG_STEPS --model.init_args.export_dir null \
+       --data.seq_len $BIG_SEQ --data.batch_size ${BIG_BATCH:-1} --trainer.max_steps $BIG_STEPS --model.init_args.export_dir null \
        --trainer.callbacks "[]" --trainer.enable_checkpointing false $(common)
 }
 # The small-model KD run shared by the parity and resume jobs: warm-up 5 steps to lr 1e-4, then constant, so
