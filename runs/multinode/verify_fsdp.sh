@@ -104,10 +104,20 @@ job() {
   local pid=$!
   wait $pid
   local rc=$?
-  local left_over; left_over=$(ps -o pid=,stat=,args= -s $pid | awk '$2 !~ /^Z/')  # zombies hold nothing
-  if [ -n "$left_over" ]; then
-    pkill -KILL -s $pid
-    echo "[$(date +%T)] $name: ended processes left in its session:"; echo "$left_over"
+  # Ranks still alive after rank 0 has ended: either slower to exit (CUDA teardown) or stuck in a collective.
+  # They get 30 s to end by themselves; then SIGUSR2 (lit-xdistill prints their Python stacks into the log) and
+  # SIGKILL. The log line says which of the two it was.
+  left_over() { ps -o pid=,stat=,args= -s $pid | awk '$2 !~ /^Z/'; }  # zombies hold nothing
+  if [ -n "$(left_over)" ]; then
+    local waited=0
+    while [ -n "$(left_over)" ] && [ $waited -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+    if [ -z "$(left_over)" ]; then
+      echo "[$(date +%T)] $name: the other ranks ended ${waited} s after rank 0"
+    else
+      echo "[$(date +%T)] $name: ranks still running 30 s after rank 0, stacks into its log, then killed:"
+      left_over
+      pkill -USR2 -s $pid; sleep 5; pkill -KILL -s $pid
+    fi
   fi
   echo "[$(date +%T)] $name: rc=$rc after $((SECONDS - started)) s"
   [ $rc = 0 ] && touch "$ROOT/done/$name" || grep -v '^\s*$' "$ROOT/logs/$name.log" | tail -n 40
