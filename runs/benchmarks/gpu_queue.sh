@@ -127,7 +127,9 @@ case ${1:-} in
       echo "--- $log"; grep -E '^(===|\{)|\[smollm2\]|Error|error|passed|failed' "$log" | tail -40
     done
     out=${DEVICE_OUT:-$OUT}
-    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints $(ls -d */results.json */inference.* */profile.md \
+    # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
+    (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
+       $(ls -d */results.json */inference.* */profile.md \
        stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))

@@ -19,8 +19,8 @@
 #   align8b_{1,2,4}  stage I, Llama-3.1-8B shape, 4096 tokens x BIG_BATCH (1) sequences per GPU, BIG_STEPS (12)
 #                    steps -> scaling
 #   kd8b_4           stage II, full fine-tuning, live sharded teacher, same sizes, 4 GPUs
-#   kdmix8b_{1,2,4}  stage II with train_params=mixer (1 GPU: `two` only) (full fine-tuning of 8B needs ~65 GB/GPU of AdamW state
-#                    alone on 2 GPUs: docs/multigpu.md)                                        -> scaling
+#   kdmix8b_{1,2,4}  stage II with train_params=mixer, 1 GPU in `two` only (full fine-tuning of 8B needs ~65 GB/GPU
+#                    of AdamW state alone on 2 GPUs: docs/multigpu.md)                          -> scaling
 #   parity{1,2}      small model (8 x 1024 hidden), stage II, global batch 8 x 1024, 50 steps   -> same loss
 #   resume4, resume2 the parity run: 20 steps on 4 GPUs, then resumed on 2 GPUs to step 40    -> 4 -> 2 resume
 #   wintie2          small model, stage II on 2 GPUs with the WinTieCallback and the end-of-fit export
