@@ -57,10 +57,31 @@ def visibility_mask(S: int, *, window=None, n_sinks=0, segment_ids=None, batch=1
     return mask
 
 
-def _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale):
+def _segment_key(segment_ids: Tensor | None):
+    """Cache key of a segment-id tensor by identity and version counter, not by content: every layer of one
+    forward pass gets the same tensor, so a mask is built once per pass without reading the ids on the host
+    (a content hash costs one device-to-host sync per layer, which stalls the launch queue). An in-place edit
+    bumps the version."""
+    if segment_ids is None:
+        return None
+    return id(segment_ids), segment_ids._version, tuple(segment_ids.shape)
+
+
+def _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale, mask_cache):
     B, NH, S, _ = q.shape
-    mask = visibility_mask(S, window=window, n_sinks=n_sinks, segment_ids=segment_ids, batch=B,
-                           device=q.device)
+    # Inside a compiled block the mask is part of the graph: the key alone (the ids' identity) would make
+    # dynamo guard on the segment-id tensor's id and recompile for every new batch.
+    cached = mask_cache is not None and not torch.compiler.is_compiling()
+    mask = None
+    if cached:
+        key = (S, window, n_sinks, str(q.device), _segment_key(segment_ids))
+        mask = mask_cache.get(key)
+    if mask is None:
+        # one document per row: one (1, S, S) mask, broadcast over the rows
+        mask = visibility_mask(S, window=window, n_sinks=n_sinks, segment_ids=segment_ids,
+                               batch=B if segment_ids is not None else 1, device=q.device)
+        if cached:
+            mask_cache[key] = mask
     rep = NH // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
@@ -69,17 +90,12 @@ def _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale):
 def _block_mask(B, S, window, n_sinks, segment_ids, device):
     """FlexAttention block mask, cached by (S, window, sinks, device, segment-id tensor).
 
-    The segment ids are keyed by identity and version counter, not by content: every layer of one forward
-    pass gets the same tensor, so the mask is built once per pass without reading the ids on the host (a
-    content hash costs one device-to-host sync per layer, which stalls the launch queue). A weak reference
-    guards against a new tensor reusing a dead one's id; an in-place edit bumps the version.
+    The segment ids are keyed by ``_segment_key``. This cache outlives the pass, so a weak reference guards
+    against a new tensor reusing a dead one's id.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    seg_key = None
-    if segment_ids is not None:
-        seg_key = (id(segment_ids), segment_ids._version, tuple(segment_ids.shape))
-    key = (S, window, n_sinks, str(device), seg_key)
+    key = (S, window, n_sinks, str(device), _segment_key(segment_ids))
     cached = _BLOCK_MASKS.get(key)
     if cached is not None and (segment_ids is None or cached[0]() is segment_ids):
         _BLOCK_MASKS.move_to_end(key)
@@ -132,10 +148,14 @@ def attention(
     segment_ids: Tensor | None = None,  # (B, S) integer ids
     scale: float | None = None,
     backend: str = "auto",
+    mask_cache: dict | None = None,
 ) -> Tensor:
     """Causal (sliding-window + sinks, document-aware) softmax attention; returns (B,NH,S,D) in q's dtype.
 
-    scale defaults to 1/sqrt(D). Gradients are those of exact softmax attention (autograd / FlexAttention)."""
+    scale defaults to 1/sqrt(D). Gradients are those of exact softmax attention (autograd / FlexAttention).
+    mask_cache: a dict that lives for one forward pass, in which the sdpa backend keeps its dense masks, so that
+    the layers of the pass build each mask once (it costs ~14 ops per layer on a host-bound short prompt) and
+    nothing of it outlives the pass. The flex backend keeps its block masks in a cache of its own."""
     B, NH, S, D = q.shape
     if k.shape[1] == 0 or NH % k.shape[1] or k.shape != v.shape or k.shape[0] != B or k.shape[2] != S:
         raise ValueError(f"attention: q {tuple(q.shape)} needs k, v (B, NKV, S, D) with NKV | NH; got "
@@ -148,5 +168,5 @@ def attention(
     if backend == "flex":
         return _attention_flex(q, k, v, window, n_sinks, segment_ids, scale)
     if backend == "sdpa":
-        return _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale)
+        return _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale, mask_cache)
     raise ValueError(f"attention: unknown backend {backend!r}; use 'auto', 'flex' or 'sdpa'")

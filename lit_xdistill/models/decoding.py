@@ -59,8 +59,12 @@ class StaticLayerCache(LayerCache):
                 dst.copy_(src)
         self.mlstm = self.mlstm_buffers
 
-    def fill(self, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None, n_sinks: int) -> None:
-        """Store a fresh prompt's keys/values (B, NKV, S, D) whose last ``doc_len`` columns are each row's document."""
+    def fill(self, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None, n_sinks: int,
+             plans: dict | None = None) -> None:
+        """Store a fresh prompt's keys/values (B, NKV, S, D) whose last ``doc_len`` columns are each row's document.
+
+        ``plans``: gather plans shared by the layers of one forward pass (same prompt, same ``doc_len``), keyed
+        by (S, ring, sinks); a plan missing there is computed and added."""
         ring = window if window is not None else self.max_cache_len
         if ring is None:
             raise ValueError("a layer with full attention needs StaticHybridCache(max_cache_len=...)")
@@ -68,9 +72,14 @@ class StaticLayerCache(LayerCache):
         if window is None and S > ring:
             raise ValueError(f"prompt of {S} tokens exceeds the static cache's max_cache_len {ring}")
         self._allocate(k, n_sinks, ring)
-        pos = torch.cat([_sink_positions(doc_len, n_sinks, 0), _ring_positions(doc_len, ring)], 1)
-        src = ((S - doc_len)[:, None] + pos).clamp(0, S - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        stored = (pos >= 0)[:, None, :, None]
+        plans = {} if plans is None else plans
+        plan = plans.get((S, ring, n_sinks))
+        if plan is None:
+            pos = torch.cat([_sink_positions(doc_len, n_sinks, 0), _ring_positions(doc_len, ring)], 1)
+            src = ((S - doc_len)[:, None] + pos).clamp(0, S - 1)[:, None, :, None]  # (B, 1, slots, 1)
+            plan = plans[(S, ring, n_sinks)] = src, (pos >= 0)[:, None, :, None]
+        src, stored = plan
+        src = src.expand(-1, k.shape[1], -1, k.shape[3])
         self.keys.copy_(torch.where(stored, k.gather(2, src), 0))
         self.values.copy_(torch.where(stored, v.gather(2, src), 0))
 

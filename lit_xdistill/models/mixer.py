@@ -58,6 +58,13 @@ class MixerContext:
     # stage I: the MSE of the block running now, under one fixed name; a forward hook of the block
     # (attach_align_recorder) files it under the block's layer in align_losses (HybridMixer.forward says why)
     pending_align_loss: Tensor | None = None
+    # Computed by the first layer that needs them and shared by the rest, so that the host issues their ops once
+    # per pass rather than once per layer (short prompts are host-bound): the dense attention masks
+    # (xdistill_kernels.attention's mask_cache; eager only), and for a fresh prompt with a cache the length (B,)
+    # of each row's last document and the cache-fill gather plans per (prompt length, ring, sinks).
+    mask_cache: dict = field(default_factory=dict)
+    prompt_doc_len: Tensor | None = None
+    fill_plans: dict = field(default_factory=dict)
 
 
 class FeatureMap(nn.Module):
@@ -254,10 +261,11 @@ class HybridMixer(nn.Module):
         cache = ctx.cache
         if not ctx.continuing:
             out = xk.attention(q, k, v, window=window, n_sinks=n_sinks, segment_ids=segment_ids, scale=scaling,
-                               backend=self.attention_backend)
+                               backend=self.attention_backend, mask_cache=ctx.mask_cache)
             if cache is not None and update:
-                _fill_buffers(state, k, v, cache_doc_len(segment_ids, q.shape[0], q.shape[2], q.device), window,
-                              n_sinks)
+                if ctx.prompt_doc_len is None:
+                    ctx.prompt_doc_len = cache_doc_len(segment_ids, q.shape[0], q.shape[2], q.device)
+                _fill_buffers(state, k, v, ctx.prompt_doc_len, window, n_sinks, ctx.fill_plans)
             return out
         return _cached_attention(q, k, v, state, cache.doc_len, window, n_sinks, scaling, update)
 
@@ -272,10 +280,11 @@ def cache_doc_len(segment_ids: Tensor | None, batch: int, seqlen: int, device: t
 
 
 def _fill_buffers(state: LayerCache, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None,
-                  n_sinks: int) -> None:
-    """Fill a layer's attention buffers from a fresh prompt's keys/values (B, NKV, S, D)."""
+                  n_sinks: int, plans: dict) -> None:
+    """Fill a layer's attention buffers from a fresh prompt's keys/values (B, NKV, S, D); ``plans``: the pass's
+    shared static-cache gather plans (``StaticLayerCache.fill``)."""
     if isinstance(state, StaticLayerCache):
-        state.fill(k, v, doc_len, window, n_sinks)
+        state.fill(k, v, doc_len, window, n_sinks, plans)
         return
     S = k.shape[2]
     if window is None:  # full attention: keep everything

@@ -267,7 +267,12 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             raise RuntimeError("stage I: a mixer's alignment loss was not filed under its layer (the decoder block "
                                "was called without xdistill_ctx in its keyword arguments)")
         if cache is not None:
-            new_len = cache.doc_len + S if continuing else cache_doc_len(segment_ids, B, S, ref.device)
+            if continuing:
+                new_len = cache.doc_len + S
+            elif ctx.prompt_doc_len is not None:  # the mixers' (computed once for the pass)
+                new_len = ctx.prompt_doc_len
+            else:
+                new_len = cache_doc_len(segment_ids, B, S, ref.device)
             cache.advance(new_len, S)
         return XDistillOutput(loss=out.loss, logits=out.logits, cache=cache,
                               align_losses=ctx.align_losses if align else None)

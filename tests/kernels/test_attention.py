@@ -105,3 +105,41 @@ def test_compiled_block_mask_build_equals_eager(monkeypatch):
         dense[compiled] = attention_module._block_mask(B, S, 64, 4, seg, torch.device("cpu")).to_dense()
     assert torch.equal(dense[True], dense[False])
     assert 0 < dense[True].sum() < dense[True].numel()  # some blocks skipped, some computed
+
+
+
+def test_dense_masks_are_shared_through_the_pass_mask_cache(monkeypatch):
+    """The sdpa backend builds a dense mask once per mask_cache (one forward pass) and key: the layers of a pass
+    share it; other segment ids, an in-place edit, another length or another window each get their own; without
+    a mask_cache every call builds its own. Every output equals softmax written out with a fresh mask."""
+    attention_module = sys.modules["xdistill_kernels.attention"]
+    builds = []
+    real = attention_module.visibility_mask
+    monkeypatch.setattr(attention_module, "visibility_mask", lambda *a, **kw: builds.append(a) or real(*a, **kw))
+    g = torch.Generator().manual_seed(2)
+    B, NH, NKV, D = 2, 4, 2, 8
+    pass_cache: dict = {}
+
+    def check(S, seg, window=4, cache=pass_cache):
+        q = torch.randn(B, NH, S, D, generator=g)
+        k, v = (torch.randn(B, NKV, S, D, generator=g) for _ in range(2))
+        out = attention(q, k, v, window=window, n_sinks=1, segment_ids=seg, backend="sdpa", mask_cache=cache)
+        mask = real(S, window=window, n_sinks=1, segment_ids=seg, batch=B)
+        torch.testing.assert_close(out, _naive(q, k, v, mask, D**-0.5), rtol=1e-5, atol=1e-5)
+
+    for _ in range(3):  # three layers of one pass, one document per row
+        check(24, None)
+    assert len(builds) == 1
+    seg = torch.tensor([[0] * 10 + [1] * 14, [2] * 24])
+    check(24, seg)
+    check(24, seg)
+    assert len(builds) == 2
+    seg[1, 5:] = 7  # in place: the cached mask must not be reused
+    check(24, seg)
+    check(24, torch.tensor([[0] * 3 + [1] * 21, [2] * 12 + [3] * 12]))
+    check(17, None)
+    check(24, None, window=6)
+    assert len(builds) == 6
+    check(24, None, cache=None)
+    check(24, None, cache=None)
+    assert len(builds) == 8
