@@ -61,10 +61,12 @@ def _segment_key(segment_ids: Tensor | None):
     """Cache key of a segment-id tensor by identity and version counter, not by content: every layer of one
     forward pass gets the same tensor, so a mask is built once per pass without reading the ids on the host
     (a content hash costs one device-to-host sync per layer, which stalls the launch queue). An in-place edit
-    bumps the version."""
+    bumps the version. Tensors made under ``torch.inference_mode`` have no version counter (reading it raises):
+    their in-place edits, allowed only inside inference mode, go unseen."""
     if segment_ids is None:
         return None
-    return id(segment_ids), segment_ids._version, tuple(segment_ids.shape)
+    version = None if segment_ids.is_inference() else segment_ids._version
+    return id(segment_ids), version, tuple(segment_ids.shape)
 
 
 def _attention_sdpa(q, k, v, window, n_sinks, segment_ids, scale, mask_cache):

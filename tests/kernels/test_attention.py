@@ -89,6 +89,8 @@ def test_flex_block_mask_follows_the_segment_ids_tensor():
     check(torch.tensor([[0] * 3 + [1] * 21, [2] * 12 + [3] * 12]))  # another tensor, other documents
     seg[1, 5:] = 7  # in place: the version counter changes, the cached mask must not be reused
     check(seg)
+    with torch.inference_mode():  # ids without a version counter: keyed by identity alone
+        check(torch.tensor([[0] * 20 + [1] * 4, [2] * 24]))
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
@@ -143,3 +145,8 @@ def test_dense_masks_are_shared_through_the_pass_mask_cache(monkeypatch):
     check(24, None, cache=None)
     check(24, None, cache=None)
     assert len(builds) == 8
+    with torch.inference_mode():  # ids without a version counter (the merge stage scores under inference mode)
+        seg = torch.tensor([[0] * 10 + [1] * 14, [2] * 24])
+        check(24, seg)
+        check(24, seg)
+    assert len(builds) == 9
