@@ -59,8 +59,7 @@ class StaticLayerCache(LayerCache):
                 dst.copy_(src)
         self.mlstm = self.mlstm_buffers
 
-    def fill(self, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None, n_sinks: int,
-             plans: dict | None = None) -> None:
+    def fill(self, k: Tensor, v: Tensor, doc_len: Tensor, window: int | None, n_sinks: int, plans: dict) -> None:
         """Store a fresh prompt's keys/values (B, NKV, S, D) whose last ``doc_len`` columns are each row's document.
 
         ``plans``: gather plans shared by the layers of one forward pass (same prompt, same ``doc_len``), keyed
@@ -72,7 +71,6 @@ class StaticLayerCache(LayerCache):
         if window is None and S > ring:
             raise ValueError(f"prompt of {S} tokens exceeds the static cache's max_cache_len {ring}")
         self._allocate(k, n_sinks, ring)
-        plans = {} if plans is None else plans
         plan = plans.get((S, ring, n_sinks))
         if plan is None:
             pos = torch.cat([_sink_positions(doc_len, n_sinks, 0), _ring_positions(doc_len, ring)], 1)

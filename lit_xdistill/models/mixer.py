@@ -58,10 +58,10 @@ class MixerContext:
     # stage I: the MSE of the block running now, under one fixed name; a forward hook of the block
     # (attach_align_recorder) files it under the block's layer in align_losses (HybridMixer.forward says why)
     pending_align_loss: Tensor | None = None
-    # Computed by the first layer that needs them and shared by the rest, so that the host issues their ops once
-    # per pass rather than once per layer (short prompts are host-bound): the dense attention masks
-    # (xdistill_kernels.attention's mask_cache; eager only), and for a fresh prompt with a cache the length (B,)
-    # of each row's last document and the cache-fill gather plans per (prompt length, ring, sinks).
+    # Shared by the layers of one pass, so that the host issues their ops once per pass rather than once per layer
+    # (short prompts are host-bound): the dense attention masks (xdistill_kernels.attention's mask_cache; eager
+    # only) and, for a fresh prompt with a cache, the length (B,) of each row's last document (set by the model)
+    # and the cache-fill gather plans per (prompt length, ring, sinks), filled by the first layer that needs them.
     mask_cache: dict = field(default_factory=dict)
     prompt_doc_len: Tensor | None = None
     fill_plans: dict = field(default_factory=dict)
@@ -263,8 +263,6 @@ class HybridMixer(nn.Module):
             out = xk.attention(q, k, v, window=window, n_sinks=n_sinks, segment_ids=segment_ids, scale=scaling,
                                backend=self.attention_backend, mask_cache=ctx.mask_cache)
             if cache is not None and update:
-                if ctx.prompt_doc_len is None:
-                    ctx.prompt_doc_len = cache_doc_len(segment_ids, q.shape[0], q.shape[2], q.device)
                 _fill_buffers(state, k, v, ctx.prompt_doc_len, window, n_sinks, ctx.fill_plans)
             return out
         return _cached_attention(q, k, v, state, cache.doc_len, window, n_sinks, scaling, update)

@@ -245,7 +245,9 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             if position_ids is None:
                 position_ids = (document_positions(segment_ids) if segment_ids is not None
                                 else torch.arange(S, device=ref.device).expand(B, S))
-        ctx = MixerContext(segment_ids=segment_ids, cache=cache, continuing=continuing, align=align)
+        ctx = MixerContext(segment_ids=segment_ids, cache=cache, continuing=continuing, align=align,
+                           prompt_doc_len=(cache_doc_len(segment_ids, B, S, ref.device)
+                                           if cache is not None and not continuing else None))
         # stage I: the mixers leave their losses pending, these hooks file them per layer (mixer.py says why)
         recorders = ([attach_align_recorder(layer, idx) for idx, layer in enumerate(self.decoder_layers())]
                      if align else [])
@@ -267,13 +269,7 @@ class XDistillForCausalLM(XDistillPreTrainedModel, GenerationMixin):
             raise RuntimeError("stage I: a mixer's alignment loss was not filed under its layer (the decoder block "
                                "was called without xdistill_ctx in its keyword arguments)")
         if cache is not None:
-            if continuing:
-                new_len = cache.doc_len + S
-            elif ctx.prompt_doc_len is not None:  # the mixers' (computed once for the pass)
-                new_len = ctx.prompt_doc_len
-            else:
-                new_len = cache_doc_len(segment_ids, B, S, ref.device)
-            cache.advance(new_len, S)
+            cache.advance(cache.doc_len + S if continuing else ctx.prompt_doc_len, S)
         return XDistillOutput(loss=out.loss, logits=out.logits, cache=cache,
                               align_losses=ctx.align_losses if align else None)
 
