@@ -41,7 +41,8 @@
 #               without LANE all cards (lanes uses 0-2, four all four); LANE=2,3 fsdp-setup fsdp-two fsdp-summary
 #               runs the 1- and 2-GPU half on two cards. FSDP_SKIP: jobs to leave out; BIG_STEPS: steps of the
 #               8B jobs (12). Ninth session, 4 x H200: setup 2 min, lanes 4 min, wintie 1.5 min, align8b_4 and
-#               kdmix8b_4 1.5 min each
+#               kdmix8b_4 1.5 min each. Tenth, 4 x H100, BIG_STEPS=30: setup 1.5, two 5.5, four 6.3, lanes (resume2
+#               only) 1, wintie 1.3 min
 #   await-JOB   waits until JOB has ended in any lane of this machine (each ended job leaves $ROOT/flags/JOB),
 #               at most AWAIT_SECONDS (default 1200): lets a 4-GPU job start only when the card-3 lane is free.
 #               The waiting lane idles for as long as the awaited job runs: await only jobs with a measured time

@@ -1,11 +1,14 @@
 """Tables and a figure from the TensorBoard logs of ``verify_fsdp.sh`` (issue 7).
 
     python runs/multinode/summarize_fsdp.py /root/fsdp      # -> summary.md, summary.json, fsdp.png there
+    python runs/multinode/summarize_fsdp.py /root/fsdp /root/fsdp-b2   # + the 8B rows of another root (e.g. the
+                                                                       # same jobs run with BIG_BATCH=2)
 
 Throughput: ``train/tokens_per_s`` is the global rate of one step (all GPUs); the median over steps >= 3
 (the first steps compile kernels and warm the allocator) divided by the GPU count gives tokens/s per GPU.
-Scaling efficiency at N GPUs = per-GPU rate at N / per-GPU rate at the smallest count run (weak scaling: the
-per-GPU batch is fixed). Memory: ``train/gpu_mem_gb`` is rank 0's ``torch.cuda.max_memory_allocated``.
+Scaling efficiency at N GPUs = per-GPU rate at N / per-GPU rate at the smallest count run with the same
+sequences per GPU (weak scaling: the per-GPU batch is fixed; it is read from the config LightningCLI saved).
+Memory: ``train/gpu_mem_gb`` is rank 0's ``torch.cuda.max_memory_allocated``.
 Loss parity and resume compare ``train/loss`` (the mean over ranks, i.e. over the global batch) step by step.
 The export check compares the student exported at the end of ``wintie2`` with its last sharded checkpoint.
 """
@@ -33,13 +36,25 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
+def micro_batch(run_dir: Path) -> tuple[int | None, int | None]:
+    """Sequences per GPU and their length, from the config LightningCLI saved with the newest version."""
+    import yaml
+
+    configs = sorted(run_dir.glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not configs:
+        return None, None
+    data = (yaml.safe_load(configs[-1].read_text()) or {}).get("data") or {}
+    return data.get("batch_size"), data.get("seq_len")
+
+
 def gpus_of(name: str) -> int:
     """The GPU count a run's name ends with (``align8b_4`` -> 4)."""
     return int(re.search(r"(\d+)$", name).group(1))
 
 
-def throughput(runs: dict[str, dict]) -> list[dict]:
-    """One row per 8B-shaped run: median tokens/s (all GPUs and per GPU), peak memory, scaling efficiency."""
+def throughput(runs: dict[str, dict], shapes: dict[str, tuple] | None = None) -> list[dict]:
+    """One row per 8B-shaped run: median tokens/s (all GPUs and per GPU), peak memory, scaling efficiency.
+    ``shapes``: run name -> (sequences per GPU, sequence length), where known (``micro_batch``)."""
     rows = []
     for name, scalars in sorted(runs.items()):
         rate = scalars.get("train/tokens_per_s", {})
@@ -50,12 +65,22 @@ def throughput(runs: dict[str, dict]) -> list[dict]:
         mem = scalars.get("train/gpu_mem_gb", {})
         # the step-to-step spread says how far apart two medians must be to differ (shared hosts are noisy)
         q1, _, q3 = statistics.quantiles(steady, n=4) if len(steady) > 1 else (steady[0],) * 3
-        rows.append({"run": name, "gpus": n, "steps": len(rate) + 1, "steady_steps": len(steady),
+        seqs, seq_len = (shapes or {}).get(name, (None, None))
+        rows.append({"run": name, "gpus": n, "seqs_per_gpu": seqs, "seq_len": seq_len, "steady_steps": len(steady),
                      "tokens_per_s": statistics.median(steady), "tokens_per_s_per_gpu": statistics.median(steady) / n,
                      "tokens_per_s_per_gpu_iqr": [q1 / n, q3 / n], "peak_mem_gb": max(mem.values()) if mem else None})
-    for row in rows:  # efficiency against the same stage at the smallest GPU count that ran
-        family = row["run"].rsplit("_", 1)[0]
-        base = min((r for r in rows if r["run"].rsplit("_", 1)[0] == family), key=lambda r: r["gpus"])
+    return scaling_efficiency(rows)
+
+
+def series(row: dict) -> tuple[str, int | None]:
+    """The scaling series a row belongs to: its stage (``align8b``) and sequences per GPU."""
+    return row["run"].rsplit("_", 1)[0], row["seqs_per_gpu"]
+
+
+def scaling_efficiency(rows: list[dict]) -> list[dict]:
+    """Sets each row's efficiency against its series' smallest GPU count that ran."""
+    for row in rows:
+        base = min((r for r in rows if series(r) == series(row)), key=lambda r: r["gpus"])
         row["efficiency_vs"] = base["gpus"]
         row["efficiency"] = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
     return rows
@@ -102,8 +127,9 @@ def export_check(root: Path) -> dict | None:
 
 
 def plot(runs: dict[str, dict], rows: list[dict], path: Path) -> None:
-    """Loss curves, their step-by-step relative differences to the 1-GPU run, and (when the 8B runs exist) the
-    per-GPU throughput with its scaling efficiency."""
+    """Loss curves, their step-by-step relative differences to the 1-GPU run (the uninterrupted 2-GPU run when no
+    1-GPU run exists), and (when the 8B runs exist) per-GPU throughput against the GPU count, one line per stage
+    and micro-batch, labelled with the scaling efficiency."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +137,7 @@ def plot(runs: dict[str, dict], rows: list[dict], path: Path) -> None:
 
     loss = {name: runs.get(name, {}).get("train/loss", {}) for name in ("parity1", "parity2", "resume4", "resume2")}
     resumed = {**loss["resume4"], **loss["resume2"]}
+    reference, reference_label = (loss["parity1"], "1-GPU") if loss["parity1"] else (loss["parity2"], "2-GPU")
     fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(17 if rows else 12, 4.2))
     ax_loss, ax_diff = axes[0], axes[1]
     for name, curve, style in (("1 GPU x 8", loss["parity1"], "-"), ("2 GPUs x 4", loss["parity2"], "--"),
@@ -118,33 +145,51 @@ def plot(runs: dict[str, dict], rows: list[dict], path: Path) -> None:
         if curve:
             steps = sorted(curve)
             ax_loss.plot(steps, [curve[s] for s in steps], style, label=name)
-            if curve is not loss["parity1"] and loss["parity1"]:
-                common = [s for s in steps if s in loss["parity1"]]
-                ax_diff.semilogy(common, [abs(curve[s] / loss["parity1"][s] - 1) + 1e-9 for s in common], style,
+            if curve is not reference and reference:
+                common = [s for s in steps if s in reference]
+                ax_diff.semilogy(common, [abs(curve[s] / reference[s] - 1) + 1e-9 for s in common], style,
                                  label=name)
     ax_loss.set(xlabel="step", ylabel="train/loss (global batch of 8 x 1024)", title="small model, FSDP stage II")
-    ax_diff.set(xlabel="step", ylabel="|loss / loss on 1 GPU - 1|", title="relative difference to the 1-GPU run")
+    ax_diff.set(xlabel="step", ylabel=f"|loss / loss on {reference_label} run - 1|",
+                title=f"relative difference to the {reference_label} run")
     for ax in (ax_loss, ax_diff):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     if rows:
         ax_rate = axes[2]
-        medians = [r["tokens_per_s_per_gpu"] for r in rows]
-        spread = [[m - r["tokens_per_s_per_gpu_iqr"][0] for m, r in zip(medians, rows)],
-                  [r["tokens_per_s_per_gpu_iqr"][1] - m for m, r in zip(medians, rows)]]
-        ax_rate.bar([r["run"] for r in rows], medians, yerr=spread, capsize=4)
-        for i, r in enumerate(rows):
-            ax_rate.annotate(f"{r['efficiency']:.0%}", (i, r["tokens_per_s_per_gpu"]), ha="center", va="bottom")
-        ax_rate.set(ylabel="tokens/s per GPU (median; bars: quartiles of the steps)",
-                    title="8B shape, 4096 x 1 per GPU (label: efficiency)")
-        ax_rate.tick_params(axis="x", rotation=30)
+        for key in sorted({series(r) for r in rows}, key=str):
+            line = sorted((r for r in rows if series(r) == key), key=lambda r: r["gpus"])
+            medians = [r["tokens_per_s_per_gpu"] for r in line]
+            spread = [[m - r["tokens_per_s_per_gpu_iqr"][0] for m, r in zip(medians, line)],
+                      [r["tokens_per_s_per_gpu_iqr"][1] - m for m, r in zip(medians, line)]]
+            gpus = [r["gpus"] for r in line]
+            ax_rate.errorbar(gpus, medians, yerr=spread, marker="o", capsize=4,
+                             label=f"{key[0]}, {key[1] or '?'} x {line[0]['seq_len'] or '?'} per GPU")
+            for r in line:
+                ax_rate.annotate(f"{r['efficiency']:.0%}", (r["gpus"], r["tokens_per_s_per_gpu"]),
+                                 textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax_rate.set(xscale="log", xlabel="GPUs", ylabel="tokens/s per GPU (median; bars: step quartiles)",
+                    title="8B shape: weak scaling (label: efficiency)")
+        counts = sorted({r["gpus"] for r in rows})
+        ax_rate.set_xticks(counts, labels=[str(g) for g in counts])
+        ax_rate.minorticks_off()  # a log axis would label 3 x 10^0 between 2 and 4
+        ax_rate.set_ylim(bottom=0)
+        ax_rate.legend(fontsize=8)
+        ax_rate.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main(root: Path) -> None:
-    runs = {p.name: read_scalars(p) for p in sorted((root / "tb").iterdir()) if p.is_dir()}
-    rows = throughput(runs)
+def read_runs(root: Path) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """Scalars and micro-batch shapes of every run in one ``verify_fsdp.sh`` root."""
+    dirs = [p for p in sorted((root / "tb").iterdir()) if p.is_dir()]
+    return {p.name: read_scalars(p) for p in dirs}, {p.name: micro_batch(p) for p in dirs}
+
+
+def main(root: Path, more_roots: list[Path] = ()) -> None:
+    """Summarises ``root`` (all checks) into its summary.md/.json and fsdp.png; ``more_roots`` add their 8B rows."""
+    runs, shapes = read_runs(root)
+    rows = scaling_efficiency([row for r in ((runs, shapes), *map(read_runs, more_roots)) for row in throughput(*r)])
     loss = {name: scalars.get("train/loss", {}) for name, scalars in runs.items()}
     resumed = {**loss.get("resume4", {}), **loss.get("resume2", {})}
     summary = {
@@ -158,12 +203,13 @@ def main(root: Path) -> None:
                             if tag.startswith("wintie/")},
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| run | GPUs | steps timed | tokens/s (all) | tokens/s per GPU (quartiles) | efficiency | "
-             "peak mem GB (rank 0) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | GPUs | seqs x tokens per GPU | steps timed | tokens/s (all) | tokens/s per GPU (quartiles) | "
+             "efficiency | peak mem GB (rank 0) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
         q1, q3 = r["tokens_per_s_per_gpu_iqr"]
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['steady_steps']} | {r['tokens_per_s']:,.0f} | "
+        shape = f"{r['seqs_per_gpu']} x {r['seq_len']}" if r["seqs_per_gpu"] else "?"
+        lines.append(f"| {r['run']} | {r['gpus']} | {shape} | {r['steady_steps']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s_per_gpu']:,.0f} ({q1:,.0f}-{q3:,.0f}) | "
                      f"{r['efficiency']:.1%} (vs {r['efficiency_vs']}) | {mem} |")
     for key in ("parity_1_vs_2_gpus", "resume_4_to_2_vs_uninterrupted_2", "resume_4_first_20_vs_2",
@@ -176,4 +222,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])

@@ -20,7 +20,8 @@
 #                    steps -> scaling
 #   kd8b_4           stage II, full fine-tuning, live sharded teacher, same sizes, 4 GPUs
 #   kdmix8b_{1,2,4}  stage II with train_params=mixer, 1 GPU in `two` only (full fine-tuning of 8B needs ~65 GB/GPU
-#                    of AdamW state alone on 2 GPUs: docs/multigpu.md)                          -> scaling
+#                    of AdamW state alone on 2 GPUs: docs/multigpu.md; kdmix8b_1 itself runs out of memory in
+#                    its second step on an 80 GB H100, tenth session)                          -> scaling
 #   parity{1,2}      small model (8 x 1024 hidden), stage II, global batch 8 x 1024, 50 steps   -> same loss
 #   resume4, resume2 the parity run: 20 steps on 4 GPUs, then resumed on 2 GPUs to step 40    -> 4 -> 2 resume
 #   wintie2          small model, stage II on 2 GPUs with the WinTieCallback and the end-of-fit export
