@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..modules.losses import topk_logprobs
+
 if TYPE_CHECKING:
     from .datamodule import DistillDataModule
 
@@ -38,7 +40,6 @@ __all__ = ["LogitCacheError", "TopKLogitCache", "write_topk_cache"]
 
 _FORMAT = 1
 _SHARD_BYTES = 256 << 20  # target shard size
-_CHUNK_BYTES = 256 << 20  # float32 logits materialised at once while taking the top-k
 _LOGPROB_DTYPE = torch.float16
 
 
@@ -58,24 +59,6 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
-
-
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids (int32) and full-vocabulary log-probs (float16) of (B, S, V) logits, best first.
-
-    Works through slices of rows so that at most ``_CHUNK_BYTES`` of float32 logits exist at once.
-    """
-    B, S, V = logits.shape
-    rows = logits.reshape(B * S, V)
-    chunk = max(1, _CHUNK_BYTES // (4 * V))
-    ids = torch.empty(B * S, k, dtype=torch.int32, device=logits.device)
-    logprobs = torch.empty(B * S, k, dtype=_LOGPROB_DTYPE, device=logits.device)
-    for start in range(0, B * S, chunk):
-        part = rows[start : start + chunk].float()
-        values, index = part.topk(k, dim=-1)
-        logprobs[start : start + chunk] = values - torch.logsumexp(part, dim=-1, keepdim=True)
-        ids[start : start + chunk] = index
-    return ids.reshape(B, S, k), logprobs.reshape(B, S, k)
 
 
 def _check_disk(directory: Path, needed: int) -> None:
@@ -171,6 +154,7 @@ def write_topk_cache(
                     raise LogitCacheError(f"k={k} exceeds the teacher's vocabulary of {logits.shape[-1]}.")
                 vocab_size = logits.shape[-1]
                 ids, logprobs = topk_logprobs(logits, k)
+                logprobs = logprobs.to(_LOGPROB_DTYPE)
             parts_ids.append(ids.cpu())
             parts_logprobs.append(logprobs.cpu())
             bar.update(len(batch["input_ids"]))

@@ -77,10 +77,7 @@ class KDModule(StudentModule):
         if "topk_ids" in batch:
             return batch["topk_ids"], batch["topk_logprobs"]
         with torch.no_grad():
-            logits = self.live_teacher()(**self.student_inputs(batch)).logits
-            ids, lps = topk_logprobs(logits.flatten(0, 1), self.top_k)
-        shape = (*logits.shape[:2], self.top_k)
-        return ids.view(shape), lps.view(shape)
+            return topk_logprobs(self.live_teacher()(**self.student_inputs(batch)).logits, self.top_k)
 
     def _losses(self, batch: dict[str, Tensor]):
         topk_ids, topk_lp = self.teacher_topk(batch)

@@ -37,15 +37,27 @@ class KDLoss:
     tokens: Tensor  # supervised positions, 0-dim int64 on the logits' device (``int()`` it to read it)
 
 
-def topk_logprobs(logits: Tensor, k: int, chunk_rows: int = 4096) -> tuple[Tensor, Tensor]:
-    """Teacher top-k ids (N, k) int32 and their full-vocabulary log-probabilities (N, k) fp32."""
-    ids, lps = [], []
-    for chunk in logits.split(chunk_rows):
-        logp = chunk.float().log_softmax(-1)
-        val, idx = logp.topk(k, dim=-1)
-        ids.append(idx.to(torch.int32))
-        lps.append(val)
-    return torch.cat(ids), torch.cat(lps)
+def topk_logprobs(logits: Tensor, k: int, chunk_bytes: int = 256 << 20) -> tuple[Tensor, Tensor]:
+    """Teacher top-k ids (..., k) int32 and their full-vocabulary log-probabilities (..., k) fp32, best first.
+
+    Args:
+        logits: (..., V) logits in any float dtype.
+        k: tokens kept per position.
+        chunk_bytes: at most this many bytes of fp32 logits exist at once: the rows go through in slices
+            (one 4096-token row block at a 128k vocabulary is 2 GiB in fp32; the 8B stage II on one 80 GB
+            card ran out of memory on exactly that allocation).
+    """
+    *lead, vocab = logits.shape
+    rows = logits.reshape(-1, vocab)
+    step = max(1, chunk_bytes // (4 * vocab))
+    ids = torch.empty(rows.shape[0], k, dtype=torch.int32, device=logits.device)
+    lps = torch.empty(rows.shape[0], k, dtype=torch.float32, device=logits.device)
+    for start in range(0, rows.shape[0], step):
+        part = rows[start : start + step].float()
+        values, index = part.topk(k, dim=-1)  # the top-k of the logits are the top-k of the log-probs
+        lps[start : start + step] = values - torch.logsumexp(part, dim=-1, keepdim=True)
+        ids[start : start + step] = index
+    return ids.reshape(*lead, k), lps.reshape(*lead, k)
 
 
 def _chunk_terms(logits: Tensor, labels: Tensor, t_ids: Tensor | None, t_lp: Tensor | None):

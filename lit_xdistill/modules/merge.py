@@ -358,8 +358,7 @@ def merge_report(
                 logits = live(**{k: b[k].to(dev) for k in ("input_ids", "segment_ids", "position_ids")}).logits
                 own = kd_loss(logits, b["labels"].to(dev), None, None, 1.0, 0.0)
             ce, tokens = ce + own.ce.item() * int(own.tokens), tokens + int(own.tokens)
-            ids, lps = topk_logprobs(logits.flatten(0, 1), top_k)
-            topk.append((ids.view(*logits.shape[:2], -1), lps.view(*logits.shape[:2], -1)))
+            topk.append(topk_logprobs(logits, top_k))
         data[domain], teacher_ppl[domain] = (batches, topk), math.exp(ce / tokens)
     del live
     teacher_json = None

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lit_xdistill.cli import main
 from lit_xdistill.models import XDistillForCausalLM
-from lit_xdistill.modules import kd_loss
+from lit_xdistill.modules import kd_loss, topk_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +99,18 @@ def test_kd_loss_matches_its_definition():
     torch.testing.assert_close(out.kl, kl)
     torch.testing.assert_close(out.loss, 0.9 * ce + 0.1 * kl)
     assert int(out.tokens) == 9
+
+
+def test_teacher_topk_is_log_softmax_topk_in_slices_of_bounded_bytes():
+    # (B, S, V) and (N, V) alike; a slice budget of 3 rows' fp32 logits forces several slices and a ragged last
+    logits = torch.randn(2, 7, 50, dtype=torch.bfloat16) * 4
+    ids, lps = topk_logprobs(logits, 5, chunk_bytes=3 * 50 * 4)
+    ref_lps, ref_ids = logits.float().log_softmax(-1).topk(5, dim=-1)
+    assert ids.shape == lps.shape == (2, 7, 5) and ids.dtype == torch.int32 and lps.dtype == torch.float32
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(lps, ref_lps, atol=1e-5, rtol=1e-5)
+    flat_ids, flat_lps = topk_logprobs(logits.flatten(0, 1), 5)
+    assert torch.equal(flat_ids, ids.flatten(0, 1)) and torch.equal(flat_lps, lps.flatten(0, 1))
 
 
 def test_kd_loss_ignored_positions_contribute_nothing():
