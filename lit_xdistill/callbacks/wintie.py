@@ -1,13 +1,15 @@
 """``WinTieCallback``: evaluate the student against its teacher during training and log Win-and-Tie.
 
 What it needs from the LightningModule: ``student`` (a causal LM), ``tokenizer`` and ``teacher_spec``
-(a ``TeacherSpec``; not needed when ``teacher_results`` names a results file).
+(a ``TeacherSpec``; not needed when ``teacher_results`` names a results file). The stage modules also give
+``evaluation_student()``, which the callback scores instead of ``student`` (see below, and the merge stage,
+whose student carries the merged weights only inside its forward).
 
 Distributed runs: the evaluation runs on global rank 0 only; the other ranks wait in the broadcast
 that hands rank 0's metrics to every rank, so all ranks log the same values. Under DDP the process
 group's timeout (Lightning's default: 30 min) must exceed one evaluation: keep ``limit`` small or raise
 the strategy's ``timeout``. Under FSDP (``FSDPStrategy`` or ``ModelParallelStrategy``) the student is
-sharded: every rank first takes part in ``StudentModule.gathered_student_state()``, which gathers the
+sharded: every rank first takes part in ``StudentModule.evaluation_student()``, which gathers the
 full state dict (also with sharded checkpoints) onto rank 0, CPU-offloaded, and rank 0 evaluates an
 unsharded copy of the student built from its config; this needs CPU memory for one full copy on rank 0.
 """
@@ -93,18 +95,12 @@ class WinTieCallback(L.Callback):
         return metrics
 
     def _unsharded_student(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module | None:
-        """The student to evaluate on rank 0 (``None`` elsewhere); gathered first under FSDP."""
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-        if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
-            return pl_module.student if trainer.is_global_zero else None
-        state = pl_module.gathered_student_state()  # collective: every rank takes part
-        if not trainer.is_global_zero:
-            return None
-        sharded = getattr(pl_module.student, "module", pl_module.student)  # unwrap a wrapped root
-        copy = type(sharded)(sharded.config).to(dtype=next(iter(state.values())).dtype)
-        copy.load_state_dict(state)
-        return copy.to(pl_module.device)
+        """The student to evaluate on rank 0 (``None`` elsewhere): the stage's ``evaluation_student()`` (a
+        collective: it gathers FSDP shards; the merge stage applies its learned coefficients), else
+        ``pl_module.student``."""
+        if hasattr(pl_module, "evaluation_student"):
+            return pl_module.evaluation_student()
+        return pl_module.student if trainer.is_global_zero else None
 
     def _teacher(self, pl_module: L.LightningModule) -> dict[str, Any]:
         from lit_xdistill.eval.harness import teacher_results

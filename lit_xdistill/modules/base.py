@@ -376,6 +376,23 @@ class StudentModule(L.LightningModule):
             _say(f"[lit-xdistill] student exported to {path}")
         self.trainer.strategy.barrier("export")
 
+    def evaluation_student(self) -> torch.nn.Module | None:
+        """The student to score (``WinTieCallback``), whole, on global rank 0; None on the other ranks.
+
+        Collective under FSDP (every rank must call it): the shards are gathered onto rank 0
+        (``gathered_student_state``) into an unsharded copy built from the student's config; this needs CPU
+        memory for one full copy on rank 0. Otherwise ``self.student`` itself.
+        """
+        if not isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            return self.student if self.trainer.is_global_zero else None
+        state = self.gathered_student_state()
+        if not self.trainer.is_global_zero:
+            return None
+        sharded = getattr(self.student, "module", self.student)  # unwrap a wrapped root
+        copy = type(sharded)(sharded.config).to(dtype=next(iter(state.values())).dtype)
+        copy.load_state_dict(state)
+        return copy.to(self.device)
+
     def gathered_student_state(self) -> dict[str, Tensor] | None:
         """Under FSDP the student's full (unsharded) state dict on CPU on rank 0, empty on the other ranks;
         otherwise None.

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,12 +18,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.func import functional_call
 
 from ..models import XDistillForCausalLM
 from ..teachers import TeacherSpec
-from .base import warmup_then
+from .base import _say, warmup_then
 from .experts import (
     COEFFICIENTS_FILE,
     ExpertSet,
@@ -54,6 +57,13 @@ class MergeModule(KDModule):
     batch, else a live teacher). At the end of ``fit`` the merge with the learned λ is streamed from
     the expert files to ``export_dir`` together with ``merge_coefficients.json``. λ is fitted on the
     data module's train split: give the merge run a small mix of every domain (``data.max_train_tokens``).
+
+    Several GPUs (``configs/fsdp.yaml`` or DDP): with ``learn: true`` the student and the experts stay out of
+    the module tree (plain attributes, like the live teacher), so the strategy shards or replicates only the
+    coefficients; every rank holds the experts whole (the stage is for students that fit one GPU K times) and
+    takes its share of the batch, the coefficient gradients are reduced across ranks, and checkpoints hold
+    only the coefficients. Under FSDP's bf16 mixed precision the coefficient logits enter the forward in bf16
+    (their fp32 masters are updated). The merge is streamed by rank 0 at the end; the other ranks wait.
 
     Args:
         experts: exported expert folders, all fine-tuned from the same stage-I student.
@@ -113,7 +123,9 @@ class MergeModule(KDModule):
             self.student.requires_grad_(False)
             return
         models = [XDistillForCausalLM.from_pretrained(p, dtype=torch.float32) for p in self.experts]
-        self.student = models[0].requires_grad_(False)
+        # Not trained, only the carrier of the merged weights in functional_call: kept out of the module tree
+        # (object.__setattr__ skips nn.Module's registration), so FSDP never swaps its parameters for shards.
+        object.__setattr__(self, "student", models[0].requires_grad_(False))
         params = [dict(m.named_parameters()) for m in models]
         self._stacked = {n: torch.stack([p[n].detach() for p in params]) for n in params[0]}
         groups = self.expert_set.num_layers + 1 if self.per_layer else 1
@@ -153,9 +165,22 @@ class MergeModule(KDModule):
     def _group(self, name: str) -> int:
         return layer_group(name, self.expert_set.num_layers) if self.per_layer else 0
 
-    def merged_parameters(self) -> dict[str, Tensor]:
-        """θ = Σ λ_i θ_i for every student parameter, differentiable in the coefficient logits."""
-        lam = self.coefficients()
+    def full_coefficients(self) -> Tensor:
+        """λ whole and detached, on every rank. Collective under FSDP (every rank must call it): outside the
+        forward each rank holds only its slice of the coefficient logits."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False):
+                return self.coefficients().detach().clone()
+        return self.coefficients().detach()
+
+    def merged_parameters(self, lam: Tensor | None = None) -> dict[str, Tensor]:
+        """θ = Σ λ_i θ_i for every student parameter, differentiable in the coefficient logits.
+
+        Args:
+            lam: the coefficients to merge with; None: the current ``coefficients()`` (inside the forward).
+        """
+        lam = self.coefficients() if lam is None else lam
         for name, stacked in self._stacked.items():
             if stacked.device != lam.device:
                 self._stacked[name] = stacked.to(lam.device)
@@ -165,6 +190,7 @@ class MergeModule(KDModule):
         if not self.learn:
             return super()._losses(batch)
         topk_ids, topk_lp = self.teacher_topk(batch)
+        self.student.to(self.device).train(self.training)  # outside the module tree: Lightning moves it not
         out = functional_call(
             self.student, self.merged_parameters(), args=(), kwargs=self.student_inputs(batch)
         )
@@ -187,13 +213,16 @@ class MergeModule(KDModule):
 
     def export(self, path: str | os.PathLike, state: dict | None = None) -> Path:
         """Stream the merge with the learned λ from the expert files; λ also goes to a JSON file.
+        Collective under FSDP (``full_coefficients``); ``on_train_end`` gathers λ on every rank instead.
 
         Args:
             path: the folder to write.
             state: unused: the merged weights are streamed from the expert files, not gathered.
         """
-        lam = self.coefficients().detach().cpu().double()
-        rows = lam.tolist()
+        return self._stream_merge(path, self.full_coefficients())
+
+    def _stream_merge(self, path: str | os.PathLike, lam: Tensor) -> Path:
+        rows = lam.cpu().double().tolist()
         groups = (
             [f"layer_{i:02d}" for i in range(self.expert_set.num_layers)] + ["other"]
             if self.per_layer
@@ -214,8 +243,27 @@ class MergeModule(KDModule):
         )
 
     def on_train_end(self) -> None:
-        if self.learn:
-            super().on_train_end()
+        """Learned λ: gathered on every rank, then rank 0 streams the merge; the others wait. (Fixed weights:
+        ``configure_model`` wrote the merge already.)"""
+        if not self.learn or not self.export_dir:
+            return
+        lam = self.full_coefficients()  # collective under FSDP
+        if self.trainer.is_global_zero:
+            _say(f"[lit-xdistill] merge exported to {self._stream_merge(self.export_dir, lam)}")
+        self.trainer.strategy.barrier("export")
+
+    def evaluation_student(self) -> torch.nn.Module | None:
+        """Learned λ: a copy of the student holding the merge with the current λ, on rank 0 (None elsewhere;
+        collective under FSDP). Fixed weights: the student, which holds the merge."""
+        if not self.learn:
+            return super().evaluation_student()
+        lam = self.full_coefficients()
+        if not self.trainer.is_global_zero:
+            return None
+        merged = copy.deepcopy(self.student).to(self.device)
+        with torch.no_grad():
+            merged.load_state_dict(self.merged_parameters(lam.to(self.device)), strict=False)  # buffers stay
+        return merged
 
 
 # -- report ---------------------------------------------------------------------------------------------
