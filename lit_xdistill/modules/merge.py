@@ -131,6 +131,10 @@ class MergeModule(KDModule):
         groups = self.expert_set.num_layers + 1 if self.per_layer else 1
         init = torch.tensor(self.weights or [1.0] * len(self.experts)).clamp_min(1e-6).log()
         self.merge_logits = torch.nn.Parameter(init.expand(groups, -1).clone())
+        source = self.student_options.init_from
+        if source and str(source).endswith(".ckpt"):  # `lit-xdistill export` of a learned merge: its λ
+            state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+            self.merge_logits.data.copy_(state["merge_logits"])
 
     def _fixed_merge(self) -> Path:
         target = self.export_dir

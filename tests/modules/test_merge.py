@@ -338,3 +338,23 @@ def test_stage3_cpu_overlay_composes_with_the_merge_config():
     assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator" and cli.datamodule.seq_len == 256
     assert cli.model.teacher_spec.dtype == "float32"
     assert subprocess.run(["bash", "-n", str(REPO / "runs/stage3/cpu.sh")]).returncode == 0
+
+
+def test_export_of_a_learned_merge_checkpoint_uses_its_coefficients(experts, teacher_dir, tmp_path):
+    # `lit-xdistill export CONFIG CKPT OUT` sets student.init_from to the checkpoint and configures the module: the
+    # coefficients must come from the checkpoint, not from the initial weights
+    trained = _learn_module([str(e) for e in experts[:2]], teacher_dir, per_layer=False)
+    trained.configure_model()
+    with torch.no_grad():
+        trained.merge_logits.copy_(torch.tensor([[2.0, -1.0]]))
+    ckpt = tmp_path / "merge.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, ckpt)
+    assert list(trained.state_dict()) == ["merge_logits"]  # the experts are files, not checkpoint state
+
+    fresh = _learn_module([str(e) for e in experts[:2]], teacher_dir, per_layer=False)
+    fresh.student_options.init_from = str(ckpt)
+    fresh.configure_model()
+    torch.testing.assert_close(fresh.coefficients(), trained.coefficients())
+    out = fresh.export(tmp_path / "merged")
+    lam = json.loads((out / "merge_coefficients.json").read_text())["lambda"]["all"]
+    torch.testing.assert_close(torch.tensor(lam, dtype=torch.float32), trained.coefficients()[0].detach())
