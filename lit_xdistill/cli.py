@@ -72,25 +72,45 @@ def cache_logits(configs: list[str], out_dir: str, k: int = 256, batch_size: int
                  split: str = "train") -> Path:
     """Run the teacher once over a stage's data and write its top-k next-token log-probs.
 
+    On several GPUs (data parallel: each rank holds a whole teacher and computes every W-th shard; the cache is
+    the same as from one process):
+
+        torchrun --nproc-per-node 4 -m lit_xdistill.cli cache_logits '[configs/kd.yaml]' runs/kd/logits
+
     Args:
         configs: the stage config file(s) (as given to ``fit --config``): teacher and data are taken from them.
         out_dir: folder to write (``<out_dir>/<split>``); point ``data.logit_cache`` at ``out_dir``.
         k: teacher tokens kept per position.
         batch_size: blocks per teacher forward pass.
-        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda`` (under torchrun ``auto`` and ``cuda`` mean
+            ``cuda:<LOCAL_RANK>``).
         split: ``train`` or ``val``.
     """
+    import os
+
     import torch
+    import torch.distributed as dist
 
     from .data.logit_cache import write_topk_cache
     from .models import student_from_teacher
 
-    cli = _build(configs)
-    spec = cli.model.teacher_spec
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    teacher = student_from_teacher(spec.load_model(), spec.identity, mixer="attention").to(dev).eval()
-    return write_topk_cache(teacher, cli.datamodule, str(Path(out_dir) / split), k=k, batch_size=batch_size,
-                            teacher_identity=spec.identity, device=dev, split=split)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # by torchrun
+    if launched:
+        if dev == "cuda":
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)  # NCCL's collectives run on the current device
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    try:
+        cli = _build(configs)
+        spec = cli.model.teacher_spec
+        teacher = student_from_teacher(spec.load_model(), spec.identity, mixer="attention").to(dev).eval()
+        return write_topk_cache(teacher, cli.datamodule, str(Path(out_dir) / split), k=k, batch_size=batch_size,
+                                teacher_identity=spec.identity, device=dev, split=split)
+    finally:
+        if launched:
+            dist.destroy_process_group()
 
 
 def export(configs: list[str], ckpt_path: str, out_dir: str) -> Path:

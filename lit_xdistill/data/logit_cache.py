@@ -4,16 +4,23 @@ One folder per split (``write_topk_cache(..., out_dir)`` writes exactly ``out_di
 ``logit_cache`` takes such a folder, or a root holding ``train/`` and optionally ``val/``):
 
 * ``shard-00000.safetensors`` ...: ``topk_ids`` int32 (n, S, k) and ``topk_logprobs`` float16 (n, S, k)
-  for n consecutive blocks of the split (dataset order, not epoch order), best first. Log-probs are
+  for n consecutive blocks of the split (dataset order, not epoch order; shard i holds blocks
+  [i * n, (i + 1) * n), the last one fewer), best first. Log-probs are
   ``log_softmax`` over the FULL vocabulary computed in float32, then rounded to float16: relative error
   at most 2**-11 of the value (under 5e-4 for log-probs in [-1, 0], under 8e-3 at -20), and
   ``exp`` of them sums to at most 1 over the k tokens (up to that rounding).
 * ``manifest.json``: teacher identity, tokenizer and data fingerprints, split, seq_len, k, vocab size,
   number of blocks, and per shard its file, first block, block count, size in bytes and sha256.
 
-Writing is atomic and resumable: shards go to a sibling ``.<name>.partial/`` folder (each shard written
-under a temporary name, renamed, then recorded in ``progress.json``); an interrupted write continues
-from its last finished shard; the folder gets its final name only once the manifest is in it.
+Writing is atomic and resumable, in one process or data parallel over the ranks of a process group
+(``torchrun``: rank r computes the shards i with i % W == r; rank 0 alone prepares the folder and writes the
+manifest). Shards go to a sibling ``.<name>.partial/`` folder that rank 0 creates with the write's
+configuration in ``key.json`` (the teacher's vocabulary size follows in ``vocab.json``, before the first
+shard). Each file is written under a temporary name and renamed, so a shard is finished exactly when its
+final file exists. An interrupted write continues, with any number of ranks, with the missing shards (a
+partial folder of another configuration is discarded); the manifest is built from the finished shards, and
+the folder gets its final name only once the manifest is in it. The finished cache does not depend on the
+number of ranks.
 The reader refuses a cache whose manifest does not match the data module and detects truncated or
 altered shards (size at open, sha256 on first use).
 """
@@ -24,6 +31,8 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +65,10 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    """Atomic, also when several ranks write the same file: each through its own temporary file."""
+    handle, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as file:
+        file.write(json.dumps(payload, indent=1))
     os.replace(tmp, path)
 
 
@@ -84,27 +95,35 @@ def write_topk_cache(
 ) -> Path:
     """Run ``teacher`` once over every block of ``split`` and store its top-k next-token log-probs.
 
+    In one process, or called by every rank of an initialised ``torch.distributed`` process group (e.g. under
+    ``torchrun``; with NCCL each rank's current CUDA device must be its own): data parallel, each rank runs its
+    own full copy of the teacher (not sharded: an 8B teacher is 16 GB in bf16, it fits any GPU) on every
+    W-th shard, rank 0 prepares the folder and writes the manifest, the others wait for it. ``out_dir`` must
+    be on a file system every rank sees. The finished cache is the same, byte for byte, whatever the number of
+    ranks: a shard always holds the same blocks, computed in the same batches. When a rank fails, every rank
+    raises (the others once their own shards are written); rerunning, with any number of ranks, continues.
+
     Args:
         teacher: called as ``teacher(input_ids=, position_ids=, segment_ids=)``, returning an object with
             ``.logits`` (B, S, V); it must keep documents apart using ``segment_ids``.
-        datamodule: the data module whose blocks are scored (``prepare_data`` is run if needed).
+        datamodule: the data module whose blocks are scored (``prepare_data`` is run if needed, on rank 0).
         out_dir: the folder to write this split's cache to (e.g. ``runs/kd/logits/train``).
         k: how many top tokens to keep per position (the paper uses 256).
         batch_size: blocks per teacher forward.
         teacher_identity: a string naming the teacher (e.g. ``TeacherSpec.identity``), checked by readers.
-        device: where the teacher runs.
+        device: where this rank's teacher runs (e.g. ``cuda:<local rank>``).
         split: ``train``, ``val`` or ``heldout``.
         blocks_per_shard: blocks per shard file; None aims at about 256 MiB per shard.
 
     Returns:
-        The finished cache folder ``out_dir``.
+        The finished cache folder ``out_dir`` (on every rank).
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    rank, world = _rank_and_world()
     if k < 1:
         raise LogitCacheError(f"k must be at least 1, got {k}.")
-    datamodule.prepare_data()
+    _step_then_sync(world, datamodule.prepare_data if rank == 0 else None)  # tokenise once, on rank 0
     dataset = datamodule.dataset(split)
     if len(dataset) == 0:
         raise LogitCacheError(
@@ -124,6 +143,7 @@ def write_topk_cache(
     }
     target = Path(out_dir)
     partial = target.with_name(f".{target.name}.partial")
+    # Every rank decides this alike: the folder gets its final name only after the last synchronisation.
     if (target / "manifest.json").is_file():
         existing = json.loads((target / "manifest.json").read_text())
         if {name: existing.get(name) for name in key} == key:
@@ -132,68 +152,123 @@ def write_topk_cache(
             f"{target} already holds a logit cache for another configuration: choose "
             "another out_dir or delete that folder."
         )
-    shards = _resume_progress(partial, key)
     block_bytes = datamodule.seq_len * k * (4 + 2)
     per_shard = blocks_per_shard or max(1, _SHARD_BYTES // block_bytes)
-    done = sum(shard["num_blocks"] for shard in shards)
-    _check_disk(target.parent, (len(dataset) - done) * block_bytes)
+    ranges = [(first, min(first + per_shard, len(dataset))) for first in range(0, len(dataset), per_shard)]
+    # Shard file names stand for block ranges, so the shard size belongs to the partial folder's key.
+    partial_key = {**key, "blocks_per_shard": per_shard}
 
-    teacher.eval().to(device)
-    bar = tqdm(total=len(dataset), initial=done, desc=f"teacher top-{k} ({split})", unit=" blocks")
-    vocab_size = None
-    while done < len(dataset):
-        stop = min(done + per_shard, len(dataset))
-        loader = DataLoader(torch.utils.data.Subset(dataset, range(done, stop)), batch_size=batch_size)
-        parts_ids, parts_logprobs = [], []
-        for batch in loader:
-            with torch.inference_mode():
-                logits = teacher(
-                    **{name: batch[name].to(device) for name in ("input_ids", "position_ids", "segment_ids")}
-                ).logits
-                if k > logits.shape[-1]:
-                    raise LogitCacheError(f"k={k} exceeds the teacher's vocabulary of {logits.shape[-1]}.")
-                vocab_size = logits.shape[-1]
-                ids, logprobs = topk_logprobs(logits, k)
-                logprobs = logprobs.to(_LOGPROB_DTYPE)
-            parts_ids.append(ids.cpu())
-            parts_logprobs.append(logprobs.cpu())
-            bar.update(len(batch["input_ids"]))
-        name = f"shard-{len(shards):05d}.safetensors"
-        tmp = partial / (name + ".tmp")
-        save_file({"topk_ids": torch.cat(parts_ids), "topk_logprobs": torch.cat(parts_logprobs)}, str(tmp))
-        os.replace(tmp, partial / name)
-        shards.append(
-            {
-                "file": name,
-                "first_block": done,
-                "num_blocks": stop - done,
-                "bytes": (partial / name).stat().st_size,
-                "sha256": _sha256(partial / name),
-            }
+    def prepare() -> None:
+        _open_partial(partial, partial_key)
+        done = sum(stop - first for i, (first, stop) in enumerate(ranges) if (partial / _shard_name(i)).is_file())
+        _check_disk(target.parent, (len(dataset) - done) * block_bytes)
+
+    _step_then_sync(world, prepare if rank == 0 else None)
+    mine = [i for i in range(rank, len(ranges), world) if not (partial / _shard_name(i)).is_file()]
+
+    def compute() -> None:
+        from safetensors.torch import save_file
+
+        teacher.eval().to(device)
+        bar = tqdm(
+            total=sum(ranges[i][1] - ranges[i][0] for i in mine),
+            desc=f"teacher top-{k} ({split}{f', rank 0 of {world}' if world > 1 else ''})",
+            unit=" blocks",
+            disable=rank != 0,
         )
-        _write_json(partial / "progress.json", {"key": key, "shards": shards, "vocab_size": vocab_size})
-        done = stop
-    bar.close()
-    vocab_size = vocab_size or json.loads((partial / "progress.json").read_text())["vocab_size"]
-    _write_json(partial / "manifest.json", {**key, "vocab_size": vocab_size, "shards": shards})
-    (partial / "progress.json").unlink()
-    os.replace(partial, target)
+        for i in mine:
+            loader = DataLoader(torch.utils.data.Subset(dataset, range(*ranges[i])), batch_size=batch_size)
+            parts_ids, parts_logprobs = [], []
+            for batch in loader:
+                with torch.inference_mode():
+                    logits = teacher(
+                        **{name: batch[name].to(device) for name in ("input_ids", "position_ids", "segment_ids")}
+                    ).logits
+                    if k > logits.shape[-1]:
+                        raise LogitCacheError(f"k={k} exceeds the teacher's vocabulary of {logits.shape[-1]}.")
+                    ids, logprobs = topk_logprobs(logits, k)
+                    logprobs = logprobs.to(_LOGPROB_DTYPE)
+                parts_ids.append(ids.cpu())
+                parts_logprobs.append(logprobs.cpu())
+                bar.update(len(batch["input_ids"]))
+            # A shard exists under its final name only once complete (no rank reads a half-written file).
+            tmp = partial / (_shard_name(i) + ".tmp")
+            save_file({"topk_ids": torch.cat(parts_ids), "topk_logprobs": torch.cat(parts_logprobs)}, str(tmp))
+            if not (partial / "vocab.json").is_file():  # for the manifest; before any shard is finished
+                _write_json(partial / "vocab.json", {"vocab_size": logits.shape[-1]})
+            os.replace(tmp, partial / _shard_name(i))
+        bar.close()
+
+    _step_then_sync(world, compute)
+
+    def finish() -> None:
+        shards = []
+        for i, (first, stop) in enumerate(ranges):
+            file = partial / _shard_name(i)
+            shards.append(
+                {
+                    "file": file.name,
+                    "first_block": first,
+                    "num_blocks": stop - first,
+                    "bytes": file.stat().st_size,
+                    "sha256": _sha256(file),
+                }
+            )
+        vocab_size = json.loads((partial / "vocab.json").read_text())["vocab_size"]
+        _write_json(partial / "manifest.json", {**key, "vocab_size": vocab_size, "shards": shards})
+        (partial / "key.json").unlink()
+        (partial / "vocab.json").unlink()
+        os.replace(partial, target)
+
+    _step_then_sync(world, finish if rank == 0 else None)
     return target
 
 
-def _resume_progress(partial: Path, key: dict) -> list[dict]:
-    """Finished shards of an interrupted write with the same key (verified); else a fresh folder."""
-    progress = partial / "progress.json"
-    if progress.is_file():
-        state = json.loads(progress.read_text())
-        if state["key"] == key and all(
-            (partial / s["file"]).is_file() and _sha256(partial / s["file"]) == s["sha256"]
-            for s in state["shards"]
-        ):
-            return state["shards"]
+def _shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _step_then_sync(world: int, step: Callable[[], None] | None) -> None:
+    """Run ``step`` (None: nothing on this rank), then wait for every rank (a barrier that also carries each
+    rank's outcome): when a rank's step failed every rank raises, the failed one its own error, instead of
+    waiting for it until the process group times out."""
+    error = None
+    try:
+        if step is not None:
+            step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learnt of it
+        error = exc
+    if world > 1:
+        outcomes: list[str | None] = [None] * world
+        torch.distributed.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, outcome) for r, outcome in enumerate(outcomes) if outcome]
+        if failed and error is None:
+            raise LogitCacheError(
+                "Writing the logit cache failed on "
+                + "; ".join(f"rank {r} ({outcome})" for r, outcome in failed)
+                + ": rerun to continue from the finished shards."
+            )
+    if error is not None:
+        raise error
+
+
+def _open_partial(partial: Path, key: dict) -> None:
+    """Keep the folder of an interrupted write with the same key (its finished shards), else start it afresh."""
+    stored = partial / "key.json"
+    if stored.is_file() and json.loads(stored.read_text()) == key:
+        for tmp in partial.glob("*.tmp"):  # left by an interrupted rank
+            tmp.unlink()
+        return
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    return []
+    _write_json(stored, key)
 
 
 class TopKLogitCache:
