@@ -8,6 +8,7 @@
 #   bash runs/multinode/verify_fsdp.sh two      # the 8B jobs on 1 and 2 GPUs, one at a time (a 2-GPU machine, or
 #                                               # with `four` the scaling rows without co-tenants)
 #   bash runs/multinode/verify_fsdp.sh wintie   # WinTieCallback + end-of-fit export under FSDP, 2 GPUs
+#   bash runs/multinode/verify_fsdp.sh stage3   # logit cache on 1 vs 2 GPUs (same bytes), learned merge under FSDP
 #   bash runs/multinode/verify_fsdp.sh summary  # runs/multinode/summarize_fsdp.py -> $ROOT/summary.{md,json,png}
 #   bash runs/multinode/verify_fsdp.sh collect  # logs, TensorBoard events, summary, benchmarks -> $DEVICE_OUT/fsdp.tgz
 # PHASE_SECONDS=N: jobs get a deadline N seconds from the start, so no process outlives the device tool's
@@ -212,8 +213,47 @@ wintie() {  # the callback and the export under FSDP on 2 GPUs (after `lanes`, G
     --trainer.callbacks "[{class_path: lit_xdistill.callbacks.WinTieCallback, init_args: {suite: $suite, every_n_epochs: 0, every_n_train_steps: 10, batch_size: 16, cache_dir: $ROOT/eval_cache}}, {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: $ROOT/ckpt/wintie2, filename: '{step}', every_n_train_steps: 10}}]"
 }
 
+stage3() {  # the logit cache written on 1 and on 2 GPUs (torchrun; must be the same bytes), then stage III's learned
+            # merge of two experts under FSDP on 2 GPUs, reading that cache (after `setup`)
+  local small_yaml=$ROOT/small.yaml experts=$ROOT/experts
+  # the small teacher over the first ~200 blocks of the stdlib text (the cache and the merge read the same)
+  printf 'model:\n  init_args:\n    teacher: {name: %s}\ndata:\n  tokenizer: %s\n  sources: [%s]\n  cache_dir: %s\n  seq_len: %s\n  max_train_tokens: %s\n' \
+    "$SMALL" "$SMALL" "$TEXT" "$ROOT/tokens" "$SMALL_SEQ" $((200 * SMALL_SEQ)) > "$small_yaml"
+  local cfg="[configs/kd.yaml, $small_yaml]" nproc=2 gpus
+  gpus=$(cards 0,1) || return 1
+  CUDA_VISIBLE_DEVICES=${gpus%%,*} job cache1 lit-xdistill cache_logits "$cfg" "$ROOT/cache1" --k 64
+  CUDA_VISIBLE_DEVICES=$gpus job cache2 torchrun --standalone --nproc-per-node $nproc -m lit_xdistill.cli \
+    cache_logits "$cfg" "$ROOT/cache2" --k 64
+  if [ -d "$ROOT/cache1/train" ] && [ -d "$ROOT/cache2/train" ]; then
+    diff -r "$ROOT/cache1/train" "$ROOT/cache2/train" > /dev/null && echo "[$(date +%T)] cache1 = cache2: identical" \
+      || echo "[$(date +%T)] cache1 and cache2 DIFFER"
+  fi
+  [ -d "$experts/e1" ] || $PY - "$SMALL" "$experts" <<'EOF2'
+import sys, torch
+from transformers import LlamaForCausalLM
+from lit_xdistill.models import student_from_teacher
+from lit_xdistill.teachers import TeacherSpec
+spec = TeacherSpec(sys.argv[1])
+for i in range(2):  # two experts: the converted student with its own noise on every weight
+    student = student_from_teacher(LlamaForCausalLM.from_pretrained(sys.argv[1]), spec.identity)
+    gen = torch.Generator().manual_seed(i)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    student.config.lineage = {"seed": "sha256:verify-fsdp", "stage": "kd"}
+    student.save_pretrained(f"{sys.argv[2]}/e{i}")
+    spec.load_tokenizer().save_pretrained(f"{sys.argv[2]}/e{i}")
+EOF2
+  fit merge2 0,1 --config configs/merge.yaml --config "$small_yaml" --model.init_args.experts "[$experts/e0, $experts/e1]" \
+    --data.batch_size 2 --data.logit_cache "$ROOT/cache2" --model.init_args.top_k 64 --trainer.max_steps 10 \
+    --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1 \
+    --model.init_args.export_dir "$ROOT/export/merge2" --trainer.logger.init_args.save_dir "$ROOT/tb"
+  [ -f "$ROOT/export/merge2/merge_coefficients.json" ] && cat "$ROOT/export/merge2/merge_coefficients.json"
+}
+
 case "${1:-}" in
   setup) setup ;;
+  stage3) stage3 ;;
   four) four ;;
   lanes) lanes ;;
   two) two ;;
@@ -221,5 +261,5 @@ case "${1:-}" in
   summary) $PY runs/multinode/summarize_fsdp.py "$ROOT" ;;
   collect) (cd "$ROOT" && tar czf "${DEVICE_OUT:-$OUT}/fsdp.tgz" --exclude='*.ckpt' --exclude=checkpoints \
              $(ls -d logs done tb summary.* fsdp.png bench_* 2>/dev/null)) ;;
-  *) echo "usage: $0 setup|four|lanes|two|wintie|summary|collect" >&2; exit 2 ;;
+  *) echo "usage: $0 setup|four|lanes|two|wintie|stage3|summary|collect" >&2; exit 2 ;;
 esac
