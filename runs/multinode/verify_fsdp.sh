@@ -222,7 +222,7 @@ stage3() {  # the logit cache written on 1 and on 2 GPUs (torchrun; must be the 
   local cfg="[configs/kd.yaml, $small_yaml]" nproc=2 gpus
   gpus=$(cards 0,1) || return 1
   CUDA_VISIBLE_DEVICES=${gpus%%,*} job cache1 lit-xdistill cache_logits "$cfg" "$ROOT/cache1" --k 64
-  CUDA_VISIBLE_DEVICES=$gpus job cache2 torchrun --standalone --nproc-per-node $nproc -m lit_xdistill.cli \
+  CUDA_VISIBLE_DEVICES=$gpus job cache2 $PY -m torch.distributed.run --standalone --nproc-per-node $nproc -m lit_xdistill.cli \
     cache_logits "$cfg" "$ROOT/cache2" --k 64
   if [ -d "$ROOT/cache1/train" ] && [ -d "$ROOT/cache2/train" ]; then
     diff -r "$ROOT/cache1/train" "$ROOT/cache2/train" > /dev/null && echo "[$(date +%T)] cache1 = cache2: identical" \
