@@ -4,6 +4,7 @@
     lit-xdistill fit --config configs/kd.yaml                     # stage II
     lit-xdistill fit --config configs/kd.yaml --config configs/teachers/gemma3-270m.yaml
     lit-xdistill cache_logits '[configs/kd.yaml]' runs/kd/logits              # teacher top-k, once
+    torchrun --nproc-per-node 4 -m lit_xdistill.cli cache_logits '[configs/kd.yaml]' runs/kd/logits  # on 4 GPUs
     lit-xdistill export '[configs/kd.yaml]' runs/kd/checkpoints/last.ckpt runs/kd/student
     lit-xdistill wintie TEACHER.json STUDENT.json --plot curve.png
     lit-xdistill evaluate runs/kd/student smollm2-135m-instruct --suite default
