@@ -64,6 +64,33 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
 
+def spawn_ranks(rank_fn, args: tuple, out: Path, world: int = 2, deadline_s: float = 150) -> None:
+    """Run ``rank_fn(rank, world, port, *args)`` in ``world`` spawned processes joined by gloo at ``port``.
+
+    Fails the test on a crash, past ``deadline_s`` (a rank waiting in a collective the others left), or when a
+    rank left an ``error<rank>.txt`` in ``out``, showing what the ranks wrote there (error files, fault stacks).
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(rank_fn, args=(world, free_port(), *args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {deadline_s} s")
+    except Exception as exc:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+        reports = [f"--- {f.name}\n{f.read_text()}" for f in sorted(out.glob("*.txt")) if f.read_text()]
+        pytest.fail(f"{type(exc).__name__}: {exc}\n" + "\n".join(reports))
+    errors = sorted(out.glob("error*.txt"))
+    assert not errors, errors[0].read_text()
+
+
 def cpu_fsdp_strategy(world: int):
     """configs/fsdp.yaml's FSDPStrategy (composed with align.yaml), made to serve ``world`` CPU ranks.
 

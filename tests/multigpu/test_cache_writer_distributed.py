@@ -12,14 +12,12 @@ threading.
 from __future__ import annotations
 
 import json
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from multigpu_helpers import free_port, init_gloo
+from multigpu_helpers import init_gloo, spawn_ranks
 
 from lit_xdistill.data import DistillDataModule, LogitCacheError, write_topk_cache
 
@@ -86,25 +84,6 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, docs_dir: str, out
         dist.destroy_process_group()
 
 
-def _spawn(teacher_dir: Path, docs_dir: Path, out: Path) -> None:
-    """Run the ranks; fail (with the ranks' errors) on a crash or past ``DEADLINE_S``."""
-    context = mp.start_processes(_rank, args=(WORLD, free_port(), str(teacher_dir), str(docs_dir), str(out)),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} ranks did not finish within {DEADLINE_S} s")
-    except Exception as exc:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-        reports = [f"--- {f.name}\n{f.read_text()}" for f in sorted(out.glob("error*.txt"))]
-        pytest.fail(f"{type(exc).__name__}: {exc}\n" + "\n".join(reports))
-    errors = sorted(out.glob("error*.txt"))
-    assert not errors, errors[0].read_text()
-
-
 def _single_process(fn):
     """``fn()`` computing on one thread, like the ranks."""
     threads = torch.get_num_threads()
@@ -132,7 +111,7 @@ def runs(smol_teacher_dir, docs_dir, tmp_path_factory) -> Path:
     assert sorted(p.name for p in partial.iterdir()) == ["key.json", *SHARDS[:2], "vocab.json"]
     _single_process(lambda: write_topk_cache(Teacher(str(smol_teacher_dir)), dm, str(out / "reference" / "train"),
                                              **ARGS))
-    _spawn(smol_teacher_dir, docs_dir, out)
+    spawn_ranks(_rank, (str(smol_teacher_dir), str(docs_dir), str(out)), out, WORLD, DEADLINE_S)
     return out
 
 

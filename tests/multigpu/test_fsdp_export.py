@@ -29,8 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from multigpu_helpers import cpu_fsdp_strategy, free_port, init_gloo, wrap_like_lightning
+from multigpu_helpers import cpu_fsdp_strategy, init_gloo, spawn_ranks, wrap_like_lightning
 
 B, S, K = 2, 24, 4
 WORLD = 2
@@ -116,29 +115,10 @@ def _rank(rank: int, world: int, port: int, teacher_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(teacher_dir: Path, out: Path) -> None:
-    """Run the ranks; fail (with the ranks' errors and fault stacks) on a crash or past ``DEADLINE_S``."""
-    context = mp.start_processes(_rank, args=(WORLD, free_port(), str(teacher_dir), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} ranks did not finish within {DEADLINE_S} s")
-    except Exception as exc:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-        reports = [f"--- {f.name}\n{f.read_text()}" for f in sorted(out.glob("*.txt")) if f.read_text()]
-        pytest.fail(f"{type(exc).__name__}: {exc}\n" + "\n".join(reports))
-    errors = sorted(out.glob("error*.txt"))
-    assert not errors, errors[0].read_text()
-
-
 @pytest.fixture(scope="module")
 def runs(smol_teacher_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_export")
-    _spawn(smol_teacher_dir, out)
+    spawn_ranks(_rank, (str(smol_teacher_dir), str(out)), out, WORLD, DEADLINE_S)
     return out
 
 

@@ -18,8 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from multigpu_helpers import cpu_fsdp_strategy, free_port, init_gloo, wrap_like_lightning
+from multigpu_helpers import cpu_fsdp_strategy, init_gloo, spawn_ranks, wrap_like_lightning
 
 WORLD, STEPS, B, S, K = 2, 3, 4, 24, 4
 DEADLINE_S = 150
@@ -121,21 +120,7 @@ def _make_experts(teacher_dir: Path, root: Path) -> list[str]:
 def run(smol_teacher_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("merge_fsdp")
     experts = _make_experts(smol_teacher_dir, tmp_path_factory.mktemp("experts"))
-    context = mp.start_processes(_rank, args=(WORLD, free_port(), str(smol_teacher_dir), experts, str(out)),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} ranks did not finish within {DEADLINE_S} s")
-    except Exception as exc:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-        reports = [f"--- {f.name}\n{f.read_text()}" for f in sorted(out.glob("*.txt")) if f.read_text()]
-        pytest.fail(f"{type(exc).__name__}: {exc}\n" + "\n".join(reports))
-    errors = sorted(out.glob("error*.txt"))
-    assert not errors, errors[0].read_text()
+    spawn_ranks(_rank, (str(smol_teacher_dir), experts, str(out)), out, WORLD, DEADLINE_S)
     return out, experts
 
 
