@@ -35,7 +35,7 @@
 #   ablations   issue 10's small-budget ablations, two lanes (runs/smollm2/ablations.sh; ABL_GPUS=1: one) into
 #               $ROOT/ablations; two cards (e.g. LANE=2,3) unless ABL_GPUS=1; `offline_bundle.sh unpack` done
 #               before it starts                                     [> 30, 2 x H100 8th, shared host]
-#   fsdp-setup, fsdp-two, fsdp-lanes, fsdp-wintie, fsdp-four, fsdp-summary
+#   fsdp-setup, fsdp-two, fsdp-lanes, fsdp-wintie, fsdp-four, fsdp-stage3, fsdp-summary
 #               issue 7: runs/multinode/verify_fsdp.sh's phases of those names, in $ROOT/fsdp, each job capped at
 #               FSDP_JOB_SECONDS (default 300). The phases name their cards as positions among those given:
 #               without LANE all cards (lanes uses 0-2, four all four); LANE=2,3 fsdp-setup fsdp-two fsdp-summary
@@ -84,7 +84,7 @@ job() {
     snapshot) $B --shape smollm2 --contexts 1024 16384 65536 --batches 8 --models student --memory-snapshot \
                 --out $ROOT/snapshot ;;
     ablations) ABL_OUT=$ROOT/ablations ABL_GPUS=${ABL_GPUS:-2} bash runs/smollm2/ablations.sh ;;
-    fsdp-setup|fsdp-two|fsdp-lanes|fsdp-wintie|fsdp-four|fsdp-summary)
+    fsdp-setup|fsdp-two|fsdp-lanes|fsdp-wintie|fsdp-four|fsdp-stage3|fsdp-summary)
       ROOT=$ROOT/fsdp JOB_SECONDS=${FSDP_JOB_SECONDS:-300} SKIP=${FSDP_SKIP:-} \
         bash runs/multinode/verify_fsdp.sh "${1#fsdp-}" ;;
     await-*) local flag=$ROOT/flags/${1#await-} end=$((SECONDS + ${AWAIT_SECONDS:-1200}))
