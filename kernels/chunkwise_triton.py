@@ -285,10 +285,14 @@ def _bwd_grads(
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
+    DQDK_RESTRUCTURED: tl.constexpr,
 ):
     """DO_DQDK: dq, dk, q.dq and k.dk, which need the L x L matrix dS; DO_DV: dv, which needs S. Both (one
     kernel) or one per launch (split_bwd in _config): then each compiled kernel holds one of the two L x L
-    tiles besides P, and unneeded loads are dropped; docs/kernels.md counts registers and bytes."""
+    tiles besides P, and unneeded loads are dropped; docs/kernels.md counts registers and bytes.
+    DQDK_RESTRUCTURED (split dq/dk launch only, dqdk_restructured in _config): the same dq/dk math ordered for
+    fewer live registers: dS cast to the input dtype once, dq finished (and stored) before dk starts, and each
+    inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs."""
     c, bh = tl.program_id(0), tl.program_id(1)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
@@ -311,30 +315,59 @@ def _bwd_grads(
         dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
         qdq = tl.zeros((L,), dtype=tl.float32)
         kdk = tl.zeros((L,), dtype=tl.float32)
-        for kb in tl.static_range(DQK // BK):
-            ok = kb * BK + tl.arange(0, BK)
-            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-            n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
-            dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
-            dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
-            dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
-            dq_inter = tl.zeros((L, BK), dtype=tl.float32)
-            dk_inter = tl.zeros((L, BK), dtype=tl.float32)
-            for vb in tl.static_range(DV // BV):
-                ov = vb * BV + tl.arange(0, BV)
-                dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-                dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-                dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
-                dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
-            dq += (s_inter * rz)[:, None] * dq_inter
-            dk += w[:, None] * (dk_inter + dn[None, :])
-            tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
-            tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
-            qdq += tl.sum(q.to(tl.float32) * dq, 1)
-            kdk += tl.sum(k.to(tl.float32) * dk, 1)
+        if DQDK_RESTRUCTURED:
+            dSc = dS.to(k_ptr.dtype.element_ty)  # cast once; dq and dk take dSc and its transpose
+            for kb in tl.static_range(DQK // BK):
+                ok = kb * BK + tl.arange(0, BK)
+                state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
+                dq_inter = tl.zeros((L, BK), dtype=tl.float32)
+                for vb in tl.static_range(DV // BV):
+                    ov = vb * BV + tl.arange(0, BV)
+                    dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                    C = tl.load(cs_ptr + state_rows + ov[None, :])
+                    dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+                n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                dq = tl.dot(dSc, k, (s_inter * rz)[:, None] * dq_inter + (s_inter * dden)[:, None] * n[None, :],
+                            input_precision=PREC)
+                tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+                q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                qdq += tl.sum(q.to(tl.float32) * dq, 1)
+                dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+                for vb in tl.static_range(DV // BV):
+                    ov = vb * BV + tl.arange(0, BV)
+                    v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                    dC = tl.load(dcs_ptr + state_rows + ov[None, :])
+                    dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+                dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+                dk = tl.dot(tl.trans(dSc).to(q.dtype), q, w[:, None] * (dk_inter + dn[None, :]), input_precision=PREC)
+                tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+                kdk += tl.sum(k.to(tl.float32) * dk, 1)
+        else:
+            for kb in tl.static_range(DQK // BK):
+                ok = kb * BK + tl.arange(0, BK)
+                q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+                dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+                dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
+                dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
+                dq_inter = tl.zeros((L, BK), dtype=tl.float32)
+                dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+                for vb in tl.static_range(DV // BV):
+                    ov = vb * BV + tl.arange(0, BV)
+                    dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                    v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                    C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                    dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                    dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+                    dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+                dq += (s_inter * rz)[:, None] * dq_inter
+                dk += w[:, None] * (dk_inter + dn[None, :])
+                tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+                tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+                qdq += tl.sum(q.to(tl.float32) * dq, 1)
+                kdk += tl.sum(k.to(tl.float32) * dk, 1)
         tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
         tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
     if DO_DV:
@@ -354,7 +387,7 @@ def _bwd_grads(
 
 
 _KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv")
-_FLAGS = ("split_bwd", "gates_fp32")
+_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured")
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -392,8 +425,10 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     Flags: split_bwd runs _bwd_grads as two launches, bwd_dqdk and bwd_dv, each holding one L x L tile;
     gates_fp32 casts the gates to fp32 before the kernels, because a bf16 gate vector of L <= 128 elements
     gives each of 128+ threads under 4 bytes, which no cp.async can load, so the pipeliner leaves those loads
-    synchronous on the state kernels' chain (triton 3.6, sm_90; docs/kernels.md). The defaults are the
-    measured configuration; _launch_overrides changes them for sweeps and tests."""
+    synchronous on the state kernels' chain (triton 3.6, sm_90; docs/kernels.md); dqdk_restructured (needs
+    split_bwd) compiles the split dq/dk launch with _bwd_grads' DQDK_RESTRUCTURED block, which spills less at
+    L = 128, D = 128 (offline, sm_90a). The defaults are the measured configuration; _launch_overrides changes
+    them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
@@ -414,6 +449,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     long_128 = L == 128 and DV == 128
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128, gates_fp32=long_128,
+               dqdk_restructured=False,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8))
@@ -424,6 +460,8 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
             cfg[key] = {**cfg[key], **value}
         else:
             raise ValueError(f"mlstm triton: unknown launch override {key}={value!r}")
+    if cfg["dqdk_restructured"] and not cfg["split_bwd"]:
+        raise ValueError("mlstm triton: dqdk_restructured applies to the split backward only (split_bwd=True)")
     return cfg
 
 
@@ -511,6 +549,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         split = [(True, False, "bwd_dqdk"), (False, True, "bwd_dv")]
         for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
+                                     DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      **cfg[launch], **flags)
         d_final = (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1) if has_dfinal else None
         dig, dfg = _gate_grads(qdq, kdk, doc, fgate, d_final)
