@@ -134,8 +134,11 @@ def _fwd_output(
     den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, HAS_DOC: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, OUT_RESTRUCTURED: tl.constexpr,
 ):
+    """OUT_RESTRUCTURED (output_restructured in _config): the same math ordered for fewer live registers: q k^T
+    first (without the q C accumulator beside it), gated and cast to the input dtype once, then q C as the
+    accumulator of the (q k^T * P) v dot; q is loaded twice. Only the fp32 summation order of num differs."""
     c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ov = vb * BV + tl.arange(0, BV)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
@@ -146,6 +149,37 @@ def _fwd_output(
     m_i = tl.where(valid, tl.maximum(log_inter, tl.max(logD, 1)), 0.0)
     P = tl.exp(logD - m_i[:, None])
     s_inter = tl.exp(log_inter - m_i)
+
+    if OUT_RESTRUCTURED:
+        rows = bh * S + offs[:, None]
+        qk = tl.zeros((L, L), dtype=tl.float32)
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        Smat = qk * P
+        den = tl.sum(Smat, 1)
+        Sc = Smat.to(v_ptr.dtype.element_ty)
+        q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
+        q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+            C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+            n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+            q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
+            q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
+        v = tl.load(v_ptr + rows * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        num = tl.dot(Sc, v, s_inter[:, None] * q_c, input_precision=PREC)
+        den += s_inter * q_n
+        z = tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps
+        h = num / z[:, None]
+        tl.store(h_ptr + rows * DV + ov[None, :], h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
+        if vb == 0:
+            tl.store(den_ptr + bh * S + offs, den, mask=valid)
+            tl.store(mi_ptr + bh * S + offs, m_i, mask=valid)
+        return
 
     qk = tl.zeros((L, L), dtype=tl.float32)
     q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
@@ -387,7 +421,7 @@ def _bwd_grads(
 
 
 _KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv")
-_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured")
+_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured")
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -427,8 +461,9 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     gives each of 128+ threads under 4 bytes, which no cp.async can load, so the pipeliner leaves those loads
     synchronous on the state kernels' chain (triton 3.6, sm_90; docs/kernels.md); dqdk_restructured (needs
     split_bwd) compiles the split dq/dk launch with _bwd_grads' DQDK_RESTRUCTURED block, which spills less at
-    L = 128, D = 128 (offline, sm_90a). The defaults are the measured configuration; _launch_overrides changes
-    them for sweeps and tests."""
+    L = 128, D = 128 (offline, sm_90a); output_restructured compiles _fwd_output with its OUT_RESTRUCTURED
+    block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a). The
+    defaults are the measured configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
@@ -449,7 +484,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     long_128 = L == 128 and DV == 128
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128, gates_fp32=long_128,
-               dqdk_restructured=False,
+               dqdk_restructured=False, output_restructured=False,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8))
@@ -509,7 +544,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         _fwd_output[(NC, B * NH, DV // cfg["BVO"])](
             q, k, v, igate, fgate, doc_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], **cfg["fwd_output"], **flags)
+            DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
+            **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
         ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
         mf = ms.view(B, NH, NC + 1)[..., NC].clone()

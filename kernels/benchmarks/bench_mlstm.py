@@ -42,7 +42,9 @@ PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
 # loads (docs/kernels.md). grads: the backward's dq/dk/dv kernel fused or split, and its warps (the split
 # halves spill nothing at 8 warps except dq/dk at L = 128, D = 128; 4 warps spill at L = 128); split_dv4_dqdkr is
 # the default's split at L = 128, D = 128 with the dq/dk launch's restructured block (dqdk_restructured: 328 -> 36 B
-# of spill stores there, offline, triton 3.6 sm_90a).
+# of spill stores there, offline, triton 3.6 sm_90a). fwd_output: its warps, or its restructured block
+# (output_restructured: q k^T before q C, q C as the (q k^T * P) v dot's accumulator, q loaded twice; spill stores
+# 172 -> 48 B at L = 128, D = 128 with fp32 gates, 132 -> 52 B with bf16 gates, offline, triton 3.6 sm_90a).
 LAUNCH_GRID = {
     "states:bwd_ns3": {"bwd_states": {"NUM_STAGES": 3}},
     "states:f32": {"gates_fp32": True},
@@ -53,6 +55,7 @@ LAUNCH_GRID = {
     "grads:split_dv4_dqdkr": {"split_bwd": True, "dqdk_restructured": True, "bwd_dv": {"num_warps": 4}},
     "fwd_output:w4": {"fwd_output": {"num_warps": 4}},
     "fwd_output:w8": {"fwd_output": {"num_warps": 8}},
+    "fwd_output:restructured": {"output_restructured": True},
 }
 
 
@@ -143,8 +146,8 @@ def peer_kernel(name):
 def launch_sweep(row, q, k, v, ig, fg, dh, names):
     """Time ours at the default chunk size under each LAUNCH_GRID entry in `names`, then the best entry of
     each group together. Each entry's h and gradients must equal the default's (relative L2 < 1e-2: the
-    settings change no arithmetic, the split and dqdk_restructured only the fp32 summation order) before it
-    is timed."""
+    settings change no arithmetic, the split, dqdk_restructured and output_restructured only the fp32
+    summation order) before it is timed."""
     leaves = [q, k, v, ig, fg]
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
 

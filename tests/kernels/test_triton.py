@@ -7,9 +7,9 @@ while leaving room for rounding. GPU tests (marked) run realistic sizes in bf16;
 explained there.
 
 Every launch variant of the Triton path (kernels/chunkwise_triton.py, _config) runs through the same checks:
-the split backward (and its restructured dq/dk block) is other compiled code; pipelining depths, warps and
-fp32 gates change only how the kernels are scheduled and loaded (the interpreter ignores them), so on CPU
-they check the launch plumbing and on a GPU the compiled code.
+the split backward (and its restructured dq/dk block) and the restructured _fwd_output are other compiled
+code; pipelining depths, warps and fp32 gates change only how the kernels are scheduled and loaded (the
+interpreter ignores them), so on CPU they check the launch plumbing and on a GPU the compiled code.
 """
 
 import contextlib
@@ -49,6 +49,7 @@ VARIANTS = {
     "pipelined": dict(gates_fp32=True, fwd_states={"NUM_STAGES": 2}, bwd_states={"NUM_STAGES": 3, "num_warps": 8}),
     "split": dict(split_bwd=True, bwd_dqdk={"num_warps": 4}),
     "split_restructured": dict(split_bwd=True, dqdk_restructured=True),
+    "output_restructured": dict(output_restructured=True),
 }
 
 
@@ -144,6 +145,20 @@ def test_triton_dqdk_restructured_equals_split():
     tensors[3:] = [x.detach().bfloat16().requires_grad_() for x in tensors[3:]]
     with _launch_overrides(dqdk_restructured=True), pytest.raises(ValueError, match="split backward only"):
         mlstm(*tensors, backend="triton", chunk_size=16)  # S < 8192: split_bwd is off by default
+
+
+def test_triton_output_restructured_equals_default():
+    """_fwd_output's restructured block is its math in another order: outputs and every gradient equal the
+    default's to fp32 rounding (DQK in two blocks, documents, initial state, two chunks, a partial one)."""
+    tensors, seg, state = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE, with_state=True,
+                                      n_docs=3)
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    default = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
+    with _launch_overrides(output_restructured=True):
+        restructured = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
+    for i, (x, y) in enumerate(zip(default, restructured)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert _rel(y, x) < 1e-6, (i, _rel(y, x))
 
 
 def test_triton_rejects_unknown_launch_override():
