@@ -308,6 +308,21 @@ def _row_dots(a_ptr, b_ptr, rows, mask, D: tl.constexpr, BD: tl.constexpr, L: tl
 
 
 @triton.jit
+def _row_state_dots(x_ptr, st_ptr, rows, state_rows, mask, DV: tl.constexpr, BV: tl.constexpr, L: tl.constexpr,
+                    BK: tl.constexpr, PREC: tl.constexpr):
+    """(L, BK) fp32 x_i . s_r over the chunk's rows of a row-major (., DV) tensor and a BK-row block of a chunk
+    state (state_rows: the block's row offsets), DV in BV-wide blocks: the inter-chunk part of dq (dh C^T) or of
+    dk (v dC^T)."""
+    acc = tl.zeros((L, BK), dtype=tl.float32)
+    for vb in tl.static_range(DV // BV):
+        ov = vb * BV + tl.arange(0, BV)
+        x = tl.load(x_ptr + rows * DV + ov[None, :], mask=mask, other=0.0)
+        st = tl.load(st_ptr + state_rows + ov[None, :])
+        acc += tl.dot(x, tl.trans(st.to(x.dtype)), input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _bwd_grads(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
     ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
@@ -354,12 +369,7 @@ def _bwd_grads(
             for kb in tl.static_range(DQK // BK):
                 ok = kb * BK + tl.arange(0, BK)
                 state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
-                dq_inter = tl.zeros((L, BK), dtype=tl.float32)
-                for vb in tl.static_range(DV // BV):
-                    ov = vb * BV + tl.arange(0, BV)
-                    dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                    C = tl.load(cs_ptr + state_rows + ov[None, :])
-                    dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+                dq_inter = _row_state_dots(dh_ptr, cs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
                 n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
                 k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
                 dq = tl.dot(dSc, k, (s_inter * rz)[:, None] * dq_inter + (s_inter * dden)[:, None] * n[None, :],
@@ -367,12 +377,7 @@ def _bwd_grads(
                 tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
                 q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
                 qdq += tl.sum(q.to(tl.float32) * dq, 1)
-                dk_inter = tl.zeros((L, BK), dtype=tl.float32)
-                for vb in tl.static_range(DV // BV):
-                    ov = vb * BV + tl.arange(0, BV)
-                    v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                    dC = tl.load(dcs_ptr + state_rows + ov[None, :])
-                    dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+                dk_inter = _row_state_dots(v_ptr, dcs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
                 dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
                 dk = tl.dot(tl.trans(dSc).to(q.dtype), q, w[:, None] * (dk_inter + dn[None, :]), input_precision=PREC)
                 tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
