@@ -153,6 +153,13 @@ class MergeModule(KDModule):
     def setup(self, stage: str) -> None:
         """Fixed weights: ``fit`` has nothing to train (the merge is written by ``configure_model``)."""
         if stage == "fit" and not self.learn:
+            if self.trainer.world_size > 1:  # before the strategy wraps the model (DDP refuses a frozen one)
+                raise ValueError(
+                    "model.learn is false: the fixed-weight merge trains nothing, and a multi-process strategy "
+                    "cannot wrap a model without trainable parameters. Run `lit-xdistill validate` with the same "
+                    "configs (the merge is written to export_dir when the model is configured, and scored), or "
+                    "`fit` on one device."
+                )
             self.trainer.limit_train_batches = 0
 
     def teardown(self, stage: str) -> None:

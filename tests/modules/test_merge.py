@@ -358,3 +358,16 @@ def test_export_of_a_learned_merge_checkpoint_uses_its_coefficients(experts, tea
     out = fresh.export(tmp_path / "merged")
     lam = json.loads((out / "merge_coefficients.json").read_text())["lambda"]["all"]
     torch.testing.assert_close(torch.tensor(lam, dtype=torch.float32), trained.coefficients()[0].detach())
+
+
+def test_fitting_fixed_weights_on_several_processes_says_to_validate(experts, teacher_dir):
+    # DDP cannot wrap a model without trainable parameters (torch's error names neither the stage nor the way out)
+    from types import SimpleNamespace
+
+    module = MergeModule(experts=[str(e) for e in experts[:2]], teacher=TeacherSpec(str(teacher_dir)))
+    module._trainer = SimpleNamespace(world_size=2, limit_train_batches=1.0)
+    with pytest.raises(ValueError, match="lit-xdistill validate"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(world_size=1, limit_train_batches=1.0)
+    module.setup("fit")
+    assert module._trainer.limit_train_batches == 0
