@@ -260,8 +260,11 @@ def _bwd_states(
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DDEN_PREFETCH: tl.constexpr,
 ):
+    """DDEN_PREFETCH (dden_prefetch in _config): dden is loaded outside the `if vb == 0` branch, masked by vb == 0,
+    so the pipeliner issues it ahead through cp.async like the other per-position loads; by default it is a
+    synchronous global load on the vb == 0 programs' chain. The same values either way."""
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
@@ -284,10 +287,13 @@ def _bwd_states(
         g = tl.where(doc_last == doc_prev, tl.exp(b_last + m_c - m_next), 0.0)
         q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
         dh = tl.load(dh_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        if DDEN_PREFETCH:  # valid & (vb == 0): programs with vb > 0 load nothing
+            dden = tl.load(dden_ptr + bh * S + offs, mask=offs < tl.where(vb == 0, S, 0), other=0.0)
         qs = q.to(tl.float32) * (s_inter * rz)[:, None]
         dC = g * dC + tl.dot(tl.trans(qs.to(q.dtype)), dh, input_precision=PREC)
         if vb == 0:
-            dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
+            if not DDEN_PREFETCH:
+                dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
             dn = g * dn + tl.sum(q.to(tl.float32) * (s_inter * dden)[:, None], 0)
     if HAS_INIT:
         tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
@@ -426,7 +432,7 @@ def _bwd_grads(
 
 
 _KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv")
-_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured")
+_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -467,7 +473,9 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     synchronous on the state kernels' chain (triton 3.6, sm_90; docs/kernels.md); dqdk_restructured (needs
     split_bwd) compiles the split dq/dk launch with _bwd_grads' DQDK_RESTRUCTURED block, which spills less at
     L = 128, D = 128 (offline, sm_90a); output_restructured compiles _fwd_output with its OUT_RESTRUCTURED
-    block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a). The
+    block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a);
+    dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
+    chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a). The
     defaults are the measured configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
@@ -489,7 +497,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     long_128 = L == 128 and DV == 128
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128, gates_fp32=long_128,
-               dqdk_restructured=False, output_restructured=False,
+               dqdk_restructured=False, output_restructured=False, dden_prefetch=False,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8))
@@ -582,7 +590,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
-            **cfg["bwd_states"], **flags)
+            DDEN_PREFETCH=cfg["dden_prefetch"], **cfg["bwd_states"], **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
         args = (q, k, v, dh, igate, fgate, doc_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,

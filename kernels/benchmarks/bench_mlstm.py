@@ -45,10 +45,15 @@ PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
 # of spill stores there, offline, triton 3.6 sm_90a). fwd_output: its warps, or its restructured block
 # (output_restructured: q k^T before q C, q C as the (q k^T * P) v dot's accumulator, q loaded twice; spill stores
 # 172 -> 48 B at L = 128, D = 128 with fp32 gates, 132 -> 52 B with bf16 gates, offline, triton 3.6 sm_90a).
+# states:f32_bwd_ns3_ddenp is the default at L = 128, D = 128 (fp32 gates, _bwd_states pipelined 3 deep) with
+# _bwd_states' dden load outside its `if vb == 0` branch (dden_prefetch): the pipeliner then prefetches it through
+# cp.async like the other per-position loads instead of the vb == 0 programs waiting on a synchronous global load
+# every chunk step (offline TTGIR, triton 3.6 sm_90a; it needs the NUM_STAGES annotation to be taken).
 LAUNCH_GRID = {
     "states:bwd_ns3": {"bwd_states": {"NUM_STAGES": 3}},
     "states:f32": {"gates_fp32": True},
     "states:f32_bwd_ns3": {"gates_fp32": True, "bwd_states": {"NUM_STAGES": 3}},
+    "states:f32_bwd_ns3_ddenp": {"gates_fp32": True, "bwd_states": {"NUM_STAGES": 3}, "dden_prefetch": True},
     "grads:split": {"split_bwd": True},
     "grads:split_dv4": {"split_bwd": True, "bwd_dv": {"num_warps": 4}},
     "grads:split_w4": {"split_bwd": True, "bwd_dqdk": {"num_warps": 4}, "bwd_dv": {"num_warps": 4}},
@@ -146,8 +151,8 @@ def peer_kernel(name):
 def launch_sweep(row, q, k, v, ig, fg, dh, names):
     """Time ours at the default chunk size under each LAUNCH_GRID entry in `names`, then the best entry of
     each group together. Each entry's h and gradients must equal the default's (relative L2 < 1e-2: the
-    settings change no arithmetic, the split, dqdk_restructured and output_restructured only the fp32
-    summation order) before it is timed."""
+    settings change no arithmetic (dden_prefetch included), the split, dqdk_restructured and
+    output_restructured only the fp32 summation order) before it is timed."""
     leaves = [q, k, v, ig, fg]
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
 

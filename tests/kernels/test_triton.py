@@ -7,9 +7,10 @@ while leaving room for rounding. GPU tests (marked) run realistic sizes in bf16;
 explained there.
 
 Every launch variant of the Triton path (kernels/chunkwise_triton.py, _config) runs through the same checks:
-the split backward (and its restructured dq/dk block) and the restructured _fwd_output are other compiled
-code; pipelining depths, warps and fp32 gates change only how the kernels are scheduled and loaded (the
-interpreter ignores them), so on CPU they check the launch plumbing and on a GPU the compiled code.
+the split backward (and its restructured dq/dk block), the restructured _fwd_output and _bwd_states' hoisted
+dden load are other compiled code; pipelining depths, warps and fp32 gates change only how the kernels are
+scheduled and loaded (the interpreter ignores them), so on CPU they check the launch plumbing and on a GPU the
+compiled code.
 """
 
 import contextlib
@@ -50,6 +51,7 @@ VARIANTS = {
     "split": dict(split_bwd=True, bwd_dqdk={"num_warps": 4}),
     "split_restructured": dict(split_bwd=True, dqdk_restructured=True),
     "output_restructured": dict(output_restructured=True),
+    "dden_prefetch": dict(dden_prefetch=True, bwd_states={"NUM_STAGES": 3}),
 }
 
 
@@ -159,6 +161,21 @@ def test_triton_output_restructured_equals_default():
     for i, (x, y) in enumerate(zip(default, restructured)):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert _rel(y, x) < 1e-6, (i, _rel(y, x))
+
+
+def test_triton_dden_prefetch_equals_default():
+    """_bwd_states with dden loaded outside its vb == 0 branch (masked) computes the same values: outputs and
+    every gradient equal the default's exactly (two DV blocks, so a program with vb > 0 whose mask is off;
+    documents, initial state, two chunks, a partial one)."""
+    tensors, seg, state = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE, with_state=True,
+                                      n_docs=3)
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    default = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
+    with _launch_overrides(dden_prefetch=True):
+        prefetched = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
+    for i, (x, y) in enumerate(zip(default, prefetched)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y), (i, _rel(y, x))
 
 
 def test_triton_rejects_unknown_launch_override():
