@@ -29,7 +29,7 @@
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours (1 and 8 docs) and limit_chunk
 #               also replayed from CUDA graphs (issue 3)                                        [6, H100 8th]
 #   kernels-sweep  the same with the state-tile and launch sweeps                           [8, H200 7th]
-#   kernels-variants  the tenth session's offline variants (dqdk_restructured, output_restructured) against the
+#   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
@@ -81,7 +81,7 @@ job() {
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --shapes 1,2,4 --profile \
-               --launch-sweep grads:split_dv4,grads:split_dv4_dqdkr,fwd_output:w8,fwd_output:restructured ;;
+               --launch-sweep states:f32_bwd_ns3,states:f32_bwd_ns3_ddenp,grads:split_dv4,grads:split_dv4_dqdkr,fwd_output:w8,fwd_output:restructured ;;
     smollm2) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out $ROOT/smollm2 \
                --profile 4096 65536 ;;
     stage2) python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks \
