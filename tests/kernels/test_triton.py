@@ -131,51 +131,63 @@ def test_triton_fp32_gates_change_nothing():
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
-def test_triton_dqdk_restructured_equals_split():
-    """The restructured dq/dk block is the split dq/dk launch's math in another order: outputs and every
-    gradient equal the plain split's to fp32 rounding (DQK and DV in two blocks, documents, initial state)."""
+class _LaunchSpy:
+    """Stands in for a Triton kernel and records the keyword arguments (constexprs) of each launch."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize(
+    "baseline, variant, chunk, exact, kernel, constexpr",
+    [
+        # the split dq/dk launch's math in another order (DQK and DV in two blocks)
+        (dict(split_bwd=True), dict(split_bwd=True, dqdk_restructured=True), 16, False, "_bwd_grads",
+         "DQDK_RESTRUCTURED"),
+        # _fwd_output's math in another order (DQK in two blocks, two chunks, a partial one)
+        ({}, dict(output_restructured=True), 32, False, "_fwd_output", "OUT_RESTRUCTURED"),
+        # _bwd_states' dden loaded outside its vb == 0 branch, masked: the same values (two DV blocks, so a
+        # program with vb > 0 whose mask is off)
+        ({}, dict(dden_prefetch=True), 32, True, "_bwd_states", "DDEN_PREFETCH"),
+    ],
+    ids=["dqdk_restructured", "output_restructured", "dden_prefetch"],
+)
+def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chunk, exact, kernel, constexpr,
+                                                         monkeypatch):
+    """Launch settings that only reorder the kernels' work: outputs and every gradient equal the baseline's to
+    fp32 rounding, or exactly where no sum is reordered (documents, initial state). The spy shows the variant's
+    code path was launched (the interpreter may give bitwise the baseline's values even where the order differs).
+    """
+    from xdistill_kernels import chunkwise_triton
+
     tensors, seg, state = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE, with_state=True,
                                       n_docs=3)
     flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
-    with _launch_overrides(split_bwd=True):
-        split = flat(loss_and_grads(_fn("triton", 16), tensors, seg, state))
-    with _launch_overrides(split_bwd=True, dqdk_restructured=True):
-        restructured = flat(loss_and_grads(_fn("triton", 16), tensors, seg, state))
-    for i, (x, y) in enumerate(zip(split, restructured)):
+    with _launch_overrides(**baseline):
+        expected = flat(loss_and_grads(_fn("triton", chunk), tensors, seg, state))
+    spy = _LaunchSpy(getattr(chunkwise_triton, kernel))
+    monkeypatch.setattr(chunkwise_triton, kernel, spy)
+    with _launch_overrides(**variant):
+        got = flat(loss_and_grads(_fn("triton", chunk), tensors, seg, state))
+    assert any(launch.get(constexpr) for launch in spy.launches), spy.launches
+    for i, (x, y) in enumerate(zip(expected, got)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        assert _rel(y, x) < 1e-6, (i, _rel(y, x))
-    tensors[3:] = [x.detach().bfloat16().requires_grad_() for x in tensors[3:]]
+        assert torch.equal(x, y) if exact else _rel(y, x) < 1e-6, (i, _rel(y, x))
+
+
+def test_triton_dqdk_restructured_needs_the_split():
+    tensors, _, _ = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE)
     with _launch_overrides(dqdk_restructured=True), pytest.raises(ValueError, match="split backward only"):
         mlstm(*tensors, backend="triton", chunk_size=16)  # S < 8192: split_bwd is off by default
-
-
-def test_triton_output_restructured_equals_default():
-    """_fwd_output's restructured block is its math in another order: outputs and every gradient equal the
-    default's to fp32 rounding (DQK in two blocks, documents, initial state, two chunks, a partial one)."""
-    tensors, seg, state = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE, with_state=True,
-                                      n_docs=3)
-    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
-    default = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
-    with _launch_overrides(output_restructured=True):
-        restructured = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
-    for i, (x, y) in enumerate(zip(default, restructured)):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert _rel(y, x) < 1e-6, (i, _rel(y, x))
-
-
-def test_triton_dden_prefetch_equals_default():
-    """_bwd_states with dden loaded outside its vb == 0 branch (masked) computes the same values: outputs and
-    every gradient equal the default's exactly (two DV blocks, so a program with vb > 0 whose mask is off;
-    documents, initial state, two chunks, a partial one)."""
-    tensors, seg, state = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE, with_state=True,
-                                      n_docs=3)
-    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
-    default = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
-    with _launch_overrides(dden_prefetch=True):
-        prefetched = flat(loss_and_grads(_fn("triton", 32), tensors, seg, state))
-    for i, (x, y) in enumerate(zip(default, prefetched)):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y), (i, _rel(y, x))
 
 
 def test_triton_rejects_unknown_launch_override():
