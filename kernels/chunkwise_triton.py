@@ -173,30 +173,23 @@ def _fwd_output(
         v = tl.load(v_ptr + rows * DV + ov[None, :], mask=valid[:, None], other=0.0)
         num = tl.dot(Sc, v, s_inter[:, None] * q_c, input_precision=PREC)
         den += s_inter * q_n
-        z = tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps
-        h = num / z[:, None]
-        tl.store(h_ptr + rows * DV + ov[None, :], h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
-        if vb == 0:
-            tl.store(den_ptr + bh * S + offs, den, mask=valid)
-            tl.store(mi_ptr + bh * S + offs, m_i, mask=valid)
-        return
-
-    qk = tl.zeros((L, L), dtype=tl.float32)
-    q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
-    q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
-    for kb in tl.static_range(DQK // BK):
-        ok = kb * BK + tl.arange(0, BK)
-        q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
-        k = tl.load(k_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
-        C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-        n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
-        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
-        q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
-        q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
-    Smat = qk * P
-    v = tl.load(v_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
-    num = tl.dot(Smat.to(v.dtype), v, input_precision=PREC) + s_inter[:, None] * q_c
-    den = tl.sum(Smat, 1) + s_inter * q_n
+    else:
+        qk = tl.zeros((L, L), dtype=tl.float32)
+        q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
+        q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(k_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
+            C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+            n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+            q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
+            q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
+        Smat = qk * P
+        v = tl.load(v_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        num = tl.dot(Smat.to(v.dtype), v, input_precision=PREC) + s_inter[:, None] * q_c
+        den = tl.sum(Smat, 1) + s_inter * q_n
     z = tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps
     h = num / z[:, None]
     tl.store(h_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], h.to(h_ptr.dtype.element_ty),
