@@ -556,6 +556,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
         mf = ms.view(B, NH, NC + 1)[..., NC].clone()
         ctx.mark_non_differentiable(mf)
+        # Unused outputs (in training, the final state) get None, not zero tensors: materialised zeros would cost
+        # three fills and the d_final terms below, and would send _bwd_states down its HAS_DFINAL path for nothing.
+        ctx.set_materialize_grads(False)
         return h, Cf, nf, mf
 
     @staticmethod
@@ -567,7 +570,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         DV = v.shape[-1]
         NC = ms.shape[1] - 1
         flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
-        dh = dh.to(q.dtype).contiguous()
+        dh = torch.zeros_like(h) if dh is None else dh.to(q.dtype).contiguous()  # only the final state used
         has_dfinal = dCf is not None or dnf is not None
         if has_dfinal:
             dCf = torch.zeros_like(Cf) if dCf is None else dCf.float().contiguous()

@@ -184,6 +184,25 @@ def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chun
         assert torch.equal(x, y) if exact else _rel(y, x) < 1e-6, (i, _rel(y, x))
 
 
+@pytest.mark.parametrize("outputs", [("h",), ("h", "C"), ("C", "n")], ids=["h", "h+C", "state"])
+def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
+    """Training uses h alone: the final state's gradients then arrive as None (not materialised zeros), and the
+    backward skips the final-state path of _bwd_states (the spy); the gradients still match the reference. With
+    only C used, n's gradient is None; with only the state used, h's is."""
+    from xdistill_kernels import chunkwise_triton
+
+    tensors, seg, state = make_inputs(2, 2, 37, 16, 32, dtype=torch.float32, device=DEVICE, with_state=True,
+                                      n_docs=3)
+    spy = _LaunchSpy(chunkwise_triton._bwd_states)
+    monkeypatch.setattr(chunkwise_triton, "_bwd_states", spy)
+    got = loss_and_grads(_fn("triton", 16), tensors, seg, state, outputs=outputs)
+    assert [launch["HAS_DFINAL"] for launch in spy.launches] == [outputs != ("h",)]
+    ref_tensors, ref_state = _as_double(tensors, state)
+    ref = loss_and_grads(_fn("parallel"), ref_tensors, seg, ref_state, outputs=outputs)
+    for i, (x, r) in enumerate(zip(got[2], ref[2])):
+        assert _rel(x, r) < 5e-5, (i, _rel(x, r))
+
+
 def test_triton_dqdk_restructured_needs_the_split():
     tensors, _, _ = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE)
     with _launch_overrides(dqdk_restructured=True), pytest.raises(ValueError, match="split backward only"):
