@@ -244,27 +244,53 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
 
 def profile_ours(B, NH, S, D):
     """Per-kernel CUDA time of one forward+backward of ours (torch.profiler), printed as a table, after the
-    host's time per call: where it is not well below the GPU's, launches and torch glue bound the call."""
+    host's time per call: where it is not well below the GPU's, launches and torch glue bound the call. The host
+    time is split into Triton's launch path (JITFunction.run: argument binding, cache lookup, launch) and the
+    rest (torch ops, autograd, Python), and a second table lists the host time of each torch op."""
     (q, k, v, ig, fg), _, dh, _ = make(B, NH, S, D)
+    leaves = (q, k, v, ig, fg)
+
+    def call():
+        for leaf in leaves:  # else each call's gradients are added to the last ones': 3 extra q-sized
+            leaf.grad = None  # elementwise kernels that the timed runs (grad_to_none) don't have
+        mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
+
     for _ in range(3):
-        mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
+        call()
     torch.cuda.synchronize()
-    host = []
-    for _ in range(20):  # time to issue one call while a ~30 ms kernel keeps the GPU busy: a hidden host sync
-        torch.cuda._sleep(50_000_000)  # (it would show as ~30 ms here)
+    jit_run = triton.runtime.jit.JITFunction.run
+    in_triton = []
+
+    def timed_run(self, *args, **kwargs):
         start = time.perf_counter()
-        mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
-        host.append(time.perf_counter() - start)
-        torch.cuda.synchronize()
-    print(f"host time to issue one forward+backward {(B, NH, S, D)}: median {statistics.median(host) * 1e6:.0f} us")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        try:
+            return jit_run(self, *args, **kwargs)
+        finally:
+            in_triton[-1] += time.perf_counter() - start
+
+    host = []
+    triton.runtime.jit.JITFunction.run = timed_run
+    try:
+        for _ in range(20):  # time to issue one call while a ~30 ms kernel keeps the GPU busy: a hidden host sync
+            torch.cuda._sleep(50_000_000)  # (it would show as ~30 ms here)
+            in_triton.append(0.0)
+            start = time.perf_counter()
+            call()
+            host.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+    finally:
+        triton.runtime.jit.JITFunction.run = jit_run
+    print(f"host time to issue one forward+backward {(B, NH, S, D)}: median {statistics.median(host) * 1e6:.0f} us, "
+          f"of which Triton's launch path {statistics.median(in_triton) * 1e6:.0f} us", flush=True)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):
-            for leaf in (q, k, v, ig, fg):  # else each call's gradients are added to the last ones': 3 extra
-                leaf.grad = None            # q-sized elementwise kernels that the timed runs don't have
-            mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
+            call()
         torch.cuda.synchronize()
     print(f"profile {(B, NH, S, D)}, 5 iterations:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(f"host time by op {(B, NH, S, D)}, 5 iterations:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def bench_step(results):
