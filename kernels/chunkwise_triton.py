@@ -1,16 +1,16 @@
 """Chunkwise-parallel mLSTM in Triton: forward and backward behind one torch.autograd.Function.
 
 Same semantics as reference.py (stabilised mLSTM, documents reset the state, initial/final state). The
-sequence is cut into chunks of L positions. Five kernels, each program owning one (batch, head):
+sequence is cut into chunks of L positions. Six kernels, each program owning one (batch, head):
 
   forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk
            _fwd_output   parallel over chunks: h = intra-chunk quadratic part + inter-chunk part from the
                          state, saving the normaliser den and the stabiliser m per position
   backward _bwd_dden     parallel: the gradient dden of the normaliser per position
            _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk
-           _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position, from which the
-                         gate gradients follow (see _gate_grads); optionally as two launches, dq/dk and dv
-                         (split_bwd)
+           _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position; optionally as
+                         two launches, dq/dk and dv (split_bwd)
+           _bwd_gates    sequential over each row in reverse: the gate gradients from q.dq and k.dk
 
 Launch settings of every kernel (warps, pipelining depths, the split) come from _config; _launch_overrides is
 the private hook through which the benchmark sweeps them.
@@ -75,7 +75,7 @@ def _fwd_states(
     doc_ptr,  # (B, S) int32 document index (read only if HAS_DOC)
     c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32 (if HAS_INIT)
     cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
-    cf_ptr, nf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) final state, fp32
+    cf_ptr, nf_ptr, mf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) final state, fp32
     NH, S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -123,6 +123,8 @@ def _fwd_states(
     tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
     if vb == 0:
         tl.store(nf_ptr + bh * DQK + ok, n)
+    if (kb == 0) & (vb == 0):
+        tl.store(mf_ptr + bh, m)
 
 
 @triton.jit
@@ -424,7 +426,60 @@ def _bwd_grads(
             tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
-_KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv")
+
+@triton.jit
+def _segment_add(v_a, doc_a, v_b, doc_b):
+    """Combine of an inclusive scan that restarts wherever the document changes: with document indices monotone
+    along the scan, a run's sum reaches the next element only if both lie in one document (associative)."""
+    return v_b + tl.where(doc_a == doc_b, v_a, 0.0), doc_b
+
+
+@triton.jit
+def _bwd_gates(
+    qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
+    fg_ptr, doc_ptr,  # (B, NH, S) forget-gate pre-activations, (B, S) int32 (if HAS_DOC)
+    dfin_ptr,  # (B, NH) fp32: C.dC + n.dn of the final state (if HAS_DFINAL)
+    dig_ptr, dfg_ptr,  # (B, NH, S) outputs in the gates' dtypes
+    NH, S,
+    BS: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr,
+):
+    """Gate gradients. Every key enters the outputs and states as k_j exp(igate_j - b_j) and every query as
+    q_i exp(b_i), with b the cumulative log forget gate, so dL/digate_j = k_j.dk_j and dL/db_t = q_t.dq_t -
+    k_t.dk_t (+ C.dC + n.dn of the final state at the last position). logsigmoid(fgate_s) enters every b_t with
+    t >= s; within other documents those terms cancel exactly, so dL/dfgate_s = sigmoid(-fgate_s) times the sum
+    over t >= s in the document of s, and the forget gate at a document start (where the state resets) gets none.
+
+    One program per (batch, head) row walks it from the end in blocks of BS positions, each loaded last position
+    first, so that the suffix sums are an inclusive scan (restarting at document changes) plus the running sum
+    carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation."""
+    bh = tl.program_id(0)
+    i = tl.arange(0, BS)
+    carry = 0.0  # suffix sum at the first position of the block after, which lies in document carry_doc
+    carry_doc = 0
+    for r in range(0, tl.cdiv(S, BS)):
+        offs = S - 1 - (r * BS + i)
+        valid = offs >= 0
+        kdk = tl.load(kdk_ptr + bh * S + offs, mask=valid, other=0.0)
+        db = tl.load(qdq_ptr + bh * S + offs, mask=valid, other=0.0) - kdk
+        if HAS_DFINAL:
+            db += tl.where(offs == S - 1, tl.load(dfin_ptr + bh), 0.0)
+        if HAS_DOC:
+            doc = tl.load(doc_ptr + (bh // NH) * S + offs, mask=valid, other=-1)
+            dlf = tl.associative_scan((db, doc), 0, _segment_add)[0] + tl.where(doc == carry_doc, carry, 0.0)
+            doc_before = tl.load(doc_ptr + (bh // NH) * S + offs - 1, mask=offs > 0, other=-1)
+        else:
+            doc = tl.zeros((BS,), dtype=tl.int32)
+            dlf = tl.cumsum(db, 0) + carry
+        carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
+        carry_doc = tl.sum(tl.where(i == BS - 1, doc, 0), 0)
+        fg = tl.load(fg_ptr + bh * S + offs, mask=valid, other=0.0).to(tl.float32)
+        dfg = dlf * tl.sigmoid(-fg)
+        if HAS_DOC:
+            dfg = tl.where((offs > 0) & (doc != doc_before), 0.0, dfg)
+        tl.store(dfg_ptr + bh * S + offs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
+        tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
+
+_KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
@@ -468,7 +523,8 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     L = 128, D = 128 (offline, sm_90a); output_restructured compiles _fwd_output with its OUT_RESTRUCTURED
     block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a);
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
-    chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a). The
+    chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a).
+    bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks). The
     defaults are the measured configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
@@ -493,7 +549,8 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
                dqdk_restructured=False, output_restructured=False, dden_prefetch=False,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
-               bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8))
+               bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
+               bwd_gates=launch(4, BS=min(1024, triton.next_power_of_2(S))))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
@@ -504,18 +561,6 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     if cfg["dqdk_restructured"] and not cfg["split_bwd"]:
         raise ValueError("mlstm triton: dqdk_restructured applies to the split backward only (split_bwd=True)")
     return cfg
-
-
-def _segment_reverse_cumsum(x: Tensor, doc: Tensor) -> Tensor:
-    """sum_{t >= s, t in the document of s} x_t for x (B,NH,S), doc (B,S); float64 against cancellation."""
-    rev = x.double().flip(-1).cumsum(-1).flip(-1)
-    B, S = doc.shape
-    pos = torch.arange(S, device=doc.device)
-    starts = torch.where(doc[:, 1:] != doc[:, :-1], pos[1:], S)  # (B, S-1): t if a document starts at t
-    after = torch.cat([starts, torch.full((B, 1), S, device=doc.device)], 1)  # first start > s, candidates
-    next_start = after.flip(-1).cummin(-1).values.flip(-1)  # (B, S)
-    rev = torch.cat([rev, torch.zeros_like(rev[..., :1])], -1)
-    return rev[..., :S] - rev.gather(-1, next_start[:, None].expand(-1, x.shape[1], -1))
 
 
 class _MLSTMChunkwise(torch.autograd.Function):
@@ -539,11 +584,12 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
         Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
         nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
+        mf = torch.empty(B, NH, device=dev, dtype=torch.float32)
         # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
         doc_arg = doc if doc is not None else ms
         init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
         _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
-            k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, NH, S, NC,
+            k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, mf, NH, S, NC,
             DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, **cfg["fwd_states"], **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -554,7 +600,6 @@ class _MLSTMChunkwise(torch.autograd.Function):
             **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
         ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
-        mf = ms.view(B, NH, NC + 1)[..., NC].clone()
         ctx.mark_non_differentiable(mf)
         # Unused outputs (in training, the final state) get None, not zero tensors: materialised zeros would cost
         # three fills and the d_final terms below, and would send _bwd_states down its HAS_DFINAL path for nothing.
@@ -596,32 +641,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      **cfg[launch], **flags)
-        d_final = (dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1) if has_dfinal else None
-        dig, dfg = _gate_grads(qdq, kdk, doc, fgate, d_final)
+        d_final = ((dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)).contiguous() if has_dfinal else den
         ig_dtype, fg_dtype = ctx.gate_dtypes
-        return dq, dk, dv, dig.to(ig_dtype), dfg.to(fg_dtype), dC0, dn0, None, None, None, None, None
-
-
-def _gate_grads(qdq: Tensor, kdk: Tensor, doc: Tensor, fgate: Tensor, d_final: Tensor | None):
-    """Gate gradients (digate, dfgate) from q.dq and k.dk per position (B,NH,S), in their fp32/fp64; the caller
-    casts them to the gates' dtypes.
-
-    Every key enters the outputs and states as k_j exp(igate_j - b_j) and every query as q_i exp(b_i), with
-    b the cumulative log forget gate, so dL/digate_j = k_j.dk_j and dL/db_t = q_t.dq_t - k_t.dk_t (+ C.dC +
-    n.dn of the final state at the last position). logsigmoid(fgate_s) enters every b_t with t >= s; within
-    other documents those terms cancel exactly, so the sum runs over t >= s in the document of s, and the
-    forget gate at a document start (where the state resets) gets no gradient."""
-    db = qdq - kdk
-    if d_final is not None:
-        db[..., -1] += d_final
-    if doc is None:  # a plain reverse cumsum; float32 suffices without the subtraction below
-        dlf = db.flip(-1).cumsum(-1).flip(-1)
-    else:
-        dlf = _segment_reverse_cumsum(db, doc)
-        starts = torch.zeros_like(doc, dtype=torch.bool)
-        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        dlf = dlf.masked_fill(starts[:, None], 0.0)
-    return kdk, dlf * torch.sigmoid(-fgate.to(dlf.dtype))
+        dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
+        dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
+        _bwd_gates[(B * NH,)](qdq, kdk, fgate, doc_arg, d_final, dig, dfg, NH, S, HAS_DOC=doc is not None,
+                              HAS_DFINAL=has_dfinal, **cfg["bwd_gates"])
+        return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None
 
 
 def mlstm_triton(
