@@ -10,7 +10,8 @@ reference first. Inputs: q, k, v ~ N(0,1) (q, k scaled by D**-0.5), igate ~ N(0,
 the backward gets a fixed random upstream gradient.
 
     python kernels/benchmarks/bench_mlstm.py --out $OUT --launch-sweep   # also times LAUNCH_GRID per shape
-    python kernels/benchmarks/bench_mlstm.py --out $OUT --graphs         # + ours and limit_chunk from CUDA graphs
+    python kernels/benchmarks/bench_mlstm.py --out $OUT --graphs         # + ours (each chunk size too) and
+                                                                         #   limit_chunk from CUDA graphs
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
         row[f"ours_L{L}_floor_ms"] = max(fl / PEAK_TFLOPS / 1e9, by / PEAK_TBPS / 1e9)
         print(f"{(B, NH, S, D)} ours L={L}: {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s, "
               f"{by / t / 1e9:.0f} GB/s of the byte floor)", flush=True)
+        if graphs:  # at S = 4096 the eager times follow the host, so the chunk size is chosen on these
+            t = graphed_fwd_bwd(lambda *x, L=L: mlstm(*x, backend="triton", chunk_size=L), leaves, dh)
+            if t is not None:
+                row[f"ours_L{L}_graphed"] = t
+                print(f"{(B, NH, S, D)} ours L={L}, graphed: {t:.3f} ms", flush=True)
     _, _, _, seg8 = make(B, NH, S, D, docs=8)
     docs8 = lambda: mlstm(q, k, v, ig, fg, segment_ids=seg8, backend="triton")  # noqa: E731
     row["ours_8docs"] = fwd_bwd(docs8, leaves, dh)()
@@ -333,7 +339,8 @@ def write_markdown(path, results, checks, device):
             sweep = [k for k in r if k.startswith("ours_L") and k.count("_") == 1]
             lines.append(f"- {r['shape']}: " + ", ".join(
                 f"L={k[6:]}: {r[k]:.3f} ms ({r[k + '_tflops']:.0f} TFLOP/s, "
-                f"floor {r[k + '_floor_ms']:.3f} ms)"
+                f"floor {r[k + '_floor_ms']:.3f} ms" + (f", graphed {r[k + '_graphed']:.3f} ms" if k + "_graphed" in r
+                                                       else "") + ")"
                 for k in sweep))
     tiles = [r for r in results if any(k.startswith("ours_tile") for k in r)]
     if tiles:

@@ -26,8 +26,9 @@
 #               session's ~1 min per point and model: more than one hold; the grid is llama8b + llama8b-short +
 #               llama8b-long, e.g. on the two cards of one nvidia-h100-x2 hold]
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
-#   kernels     the mLSTM benchmark, per-kernel profile and host time per call, ours (1 and 8 docs) and limit_chunk
-#               also replayed from CUDA graphs (issue 3)                                        [6, H100 8th]
+#   kernels     the mLSTM benchmark, per-kernel profile and host time per call (Triton's launch path apart, host
+#               time per torch op), ours (1 and 8 docs, each chunk size) and limit_chunk also replayed from CUDA
+#               graphs (issue 3)                                                                [6, H100 8th]
 #   kernels-sweep  the same with the state-tile and launch sweeps                           [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
