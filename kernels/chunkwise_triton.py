@@ -426,7 +426,6 @@ def _bwd_grads(
             tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
-
 @triton.jit
 def _segment_add(v_a, doc_a, v_b, doc_b):
     """Combine of an inclusive scan that restarts wherever the document changes: with document indices monotone
@@ -478,6 +477,7 @@ def _bwd_gates(
             dfg = tl.where((offs > 0) & (doc != doc_before), 0.0, dfg)
         tl.store(dfg_ptr + bh * S + offs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
         tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
+
 
 _KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
@@ -641,7 +641,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      **cfg[launch], **flags)
-        d_final = ((dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)).contiguous() if has_dfinal else den
+        d_final = ((dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)).contiguous() if has_dfinal else den  # (unread)
         ig_dtype, fg_dtype = ctx.gate_dtypes
         dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
