@@ -70,7 +70,8 @@ def mlstm(
     if backend == "triton":
         from .chunkwise_triton import mlstm_triton
 
-        h, state = mlstm_triton(q, k, v, igate, fgate, chunk_size=chunk_size, state_block=state_block, **kwargs)
+        h, state = mlstm_triton(q, k, v, igate, fgate, chunk_size=chunk_size, state_block=state_block,
+                                return_final_state=return_final_state, **kwargs)
     elif backend == "chunkwise":
         h, state = mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size or 64, **kwargs)
     elif backend == "parallel":

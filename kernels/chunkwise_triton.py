@@ -565,10 +565,13 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
 
 class _MLSTMChunkwise(torch.autograd.Function):
     """Inputs: q, k (B,NH,S,DQK), v (B,NH,S,DV) contiguous of one dtype; igate, fgate (B,NH,S) contiguous;
-    C0, n0, m0 fp32 or None (fresh); doc (B,S) int32 or None (one document). Outputs h, final C, n, m."""
+    C0, n0, m0 fp32 or None (fresh); doc (B,S) int32 or None (one document). Outputs h, and the final C, n, m
+    only if with_state: autograd gives a returned but unused output a zero gradient, so a final state returned
+    in training would cost three zero fills, zero terms in the gate gradients and _bwd_states' final-state path,
+    all for nothing."""
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size, state_block):
+    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size, state_block, with_state):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         cfg = _config(S, DQK, DV, q.dtype, chunk_size, state_block)
@@ -599,15 +602,14 @@ class _MLSTMChunkwise(torch.autograd.Function):
             DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
             **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
-        ctx.cfg, ctx.eps, ctx.has_init = cfg, eps, C0 is not None
+        ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state
+        if not with_state:
+            return h
         ctx.mark_non_differentiable(mf)
-        # Unused outputs (in training, the final state) get None, not zero tensors: materialised zeros would cost
-        # three fills and the d_final terms below, and would send _bwd_states down its HAS_DFINAL path for nothing.
-        ctx.set_materialize_grads(False)
         return h, Cf, nf, mf
 
     @staticmethod
-    def backward(ctx, dh, dCf, dnf, _dmf):
+    def backward(ctx, dh, dCf=None, dnf=None, _dmf=None):
         q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
         cfg, eps = ctx.cfg, ctx.eps
         L, BK, BV = cfg["L"], cfg["BK"], cfg["BV"]
@@ -615,11 +617,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
         DV = v.shape[-1]
         NC = ms.shape[1] - 1
         flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
-        dh = torch.zeros_like(h) if dh is None else dh.to(q.dtype).contiguous()  # only the final state used
-        has_dfinal = dCf is not None or dnf is not None
+        dh = dh.to(q.dtype).contiguous()
+        has_dfinal = ctx.with_state  # autograd passes zeros for returned outputs that are unused
         if has_dfinal:
-            dCf = torch.zeros_like(Cf) if dCf is None else dCf.float().contiguous()
-            dnf = torch.zeros_like(nf) if dnf is None else dnf.float().contiguous()
+            dCf, dnf = dCf.float().contiguous(), dnf.float().contiguous()
         dcs, dns, dden = torch.empty_like(cs), torch.empty_like(ns), torch.empty_like(den)
         dC0 = torch.empty_like(Cf) if ctx.has_init else None
         dn0 = torch.empty_like(nf) if ctx.has_init else None
@@ -647,7 +648,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
         _bwd_gates[(B * NH,)](qdq, kdk, fgate, doc_arg, d_final, dig, dfg, NH, S, HAS_DOC=doc is not None,
                               HAS_DFINAL=has_dfinal, **cfg["bwd_gates"])
-        return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None
+        return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None, None
 
 
 def mlstm_triton(
@@ -662,8 +663,10 @@ def mlstm_triton(
     chunk_size: int | None = None,
     state_block: int | None = None,
     eps: float = 1e-6,
-) -> tuple[Tensor, MLSTMState]:
-    """Chunkwise Triton mLSTM: h (B,NH,S,DV) in q's dtype (bf16/fp16/fp32) and the final fp32 state.
+    return_final_state: bool = True,
+) -> tuple[Tensor, MLSTMState | None]:
+    """Chunkwise Triton mLSTM: h (B,NH,S,DV) in q's dtype (bf16/fp16/fp32) and the final fp32 state (None unless
+    ``return_final_state``: training leaves it out, so its backward does no work for it).
 
     Semantics as reference.mlstm_chunkwise; backward: m constant, everything else (n included) exact."""
     B, NH, S, _ = q.shape
@@ -679,6 +682,6 @@ def mlstm_triton(
     if initial_state is not None:
         C0, n0, m0 = (x.float().contiguous() for x in initial_state)
         m0 = m0.detach()
-    h, Cf, nf, mf = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
-                                          fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size, state_block)
-    return h, (Cf, nf, mf)
+    out = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
+                                fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size, state_block, return_final_state)
+    return (out[0], out[1:]) if return_final_state else (out, None)

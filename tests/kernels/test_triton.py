@@ -188,20 +188,30 @@ def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chun
 
 @pytest.mark.parametrize("outputs", [("h",), ("h", "C"), ("C", "n")], ids=["h", "h+C", "state"])
 def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
-    """Training uses h alone: the final state's gradients then arrive as None (not materialised zeros), and the
-    backward skips the final-state path of _bwd_states (the spy); the gradients still match the reference. With
-    only C used, n's gradient is None; with only the state used, h's is."""
+    """Training asks for h alone (return_final_state=False): then the final state is no output of the autograd
+    function, and the backward skips the final-state path of _bwd_states (the spy). With the state returned,
+    its unused parts (n, or h) get zero gradients. Every case matches the reference's gradients."""
     from xdistill_kernels import chunkwise_triton
 
     tensors, seg, state = make_inputs(2, 2, 37, 16, 32, dtype=torch.float32, device=DEVICE, with_state=True,
                                       n_docs=3)
+    with_state = outputs != ("h",)
     spy = _LaunchSpy(chunkwise_triton._bwd_states)
     monkeypatch.setattr(chunkwise_triton, "_bwd_states", spy)
-    got = loss_and_grads(_fn("triton", 16), tensors, seg, state, outputs=outputs)
-    assert [launch["HAS_DFINAL"] for launch in spy.launches] == [outputs != ("h",)]
-    ref_tensors, ref_state = _as_double(tensors, state)
-    ref = loss_and_grads(_fn("parallel"), ref_tensors, seg, ref_state, outputs=outputs)
-    for i, (x, r) in enumerate(zip(got[2], ref[2])):
+
+    def grads(backend, tensors, state):
+        out = mlstm(*tensors, segment_ids=seg, initial_state=state, backend=backend, return_final_state=with_state,
+                    chunk_size=16 if backend == "triton" else None)
+        h, (C, n, _) = out if with_state else (out, (None, None, None))
+        g = torch.Generator(device="cpu").manual_seed(1)
+        loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)).sum()
+                   for name, x in zip("hCn", (h, C, n)) if name in outputs)
+        return torch.autograd.grad(loss, [*tensors, state[0], state[1]], materialize_grads=True)
+
+    got = grads("triton", tensors, state)
+    assert [launch["HAS_DFINAL"] for launch in spy.launches] == [with_state]
+    ref = grads("parallel", *_as_double(tensors, state))
+    for i, (x, r) in enumerate(zip(got, ref)):
         assert _rel(x, r) < 5e-5, (i, _rel(x, r))
 
 
