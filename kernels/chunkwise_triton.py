@@ -550,7 +550,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
-               bwd_gates=launch(4, BS=min(1024, triton.next_power_of_2(S))))
+               bwd_gates=launch(4, BS=min(1024, max(16, triton.next_power_of_2(S)))))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value

@@ -88,6 +88,7 @@ def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gat
 CPU_CASES = [
     # (B, NH, S, DQK, DV), chunk, with_state, n_docs
     ((1, 2, 16, 16, 16), 16, False, 0),  # exactly one chunk
+    ((1, 2, 3, 16, 16), None, True, 0),  # three tokens: every kernel's blocks mostly masked
     ((2, 2, 37, 16, 32), 16, True, 0),  # S not a multiple of the chunk, initial state
     ((2, 1, 53, 32, 16), 16, True, 5),  # several documents per row, one-token documents
     ((1, 1, 45, 128, 64), 16, True, 3),  # DQK split into blocks of 64 inside the kernels
