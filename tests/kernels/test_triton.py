@@ -187,6 +187,19 @@ def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chun
         assert torch.equal(x, y) if exact else _rel(y, x) < 1e-6, (i, _rel(y, x))
 
 
+def _grads_of_outputs(backend, tensors, seg, state, outputs, chunk_size=None):
+    """Gradients (q, k, v, igate, fgate, C0, n0) of fixed random weights times the named ``outputs`` among h and
+    the final (C, n); with ``outputs == ("h",)`` the state is not asked for (return_final_state=False)."""
+    with_state = outputs != ("h",)
+    out = mlstm(*tensors, segment_ids=seg, initial_state=state, backend=backend, return_final_state=with_state,
+                chunk_size=chunk_size)
+    h, (C, n, _) = out if with_state else (out, (None, None, None))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)).sum()
+               for name, x in zip("hCn", (h, C, n)) if name in outputs)
+    return torch.autograd.grad(loss, [*tensors, state[0], state[1]], materialize_grads=True)
+
+
 @pytest.mark.parametrize("outputs", [("h",), ("h", "C"), ("C", "n")], ids=["h", "h+C", "state"])
 def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
     """Training asks for h alone (return_final_state=False): then the final state is no output of the autograd
@@ -196,22 +209,12 @@ def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
 
     tensors, seg, state = make_inputs(2, 2, 37, 16, 32, dtype=torch.float32, device=DEVICE, with_state=True,
                                       n_docs=3)
-    with_state = outputs != ("h",)
     spy = _LaunchSpy(chunkwise_triton._bwd_states)
     monkeypatch.setattr(chunkwise_triton, "_bwd_states", spy)
-
-    def grads(backend, tensors, state):
-        out = mlstm(*tensors, segment_ids=seg, initial_state=state, backend=backend, return_final_state=with_state,
-                    chunk_size=16 if backend == "triton" else None)
-        h, (C, n, _) = out if with_state else (out, (None, None, None))
-        g = torch.Generator(device="cpu").manual_seed(1)
-        loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)).sum()
-                   for name, x in zip("hCn", (h, C, n)) if name in outputs)
-        return torch.autograd.grad(loss, [*tensors, state[0], state[1]], materialize_grads=True)
-
-    got = grads("triton", tensors, state)
-    assert [launch["HAS_DFINAL"] for launch in spy.launches] == [with_state]
-    ref = grads("parallel", *_as_double(tensors, state))
+    got = _grads_of_outputs("triton", tensors, seg, state, outputs, chunk_size=16)
+    assert [launch["HAS_DFINAL"] for launch in spy.launches] == [outputs != ("h",)]
+    ref_tensors, ref_state = _as_double(tensors, state)
+    ref = _grads_of_outputs("parallel", ref_tensors, seg, ref_state, outputs)
     for i, (x, r) in enumerate(zip(got, ref)):
         assert _rel(x, r) < 5e-5, (i, _rel(x, r))
 
@@ -271,6 +274,21 @@ GPU_CASES = [
 def test_triton_matches_reference_bf16_gpu(shape, chunk, with_state, n_docs, variant):
     check_against_reference(shape, chunk, dtype=torch.bfloat16, tol=2e-2, with_state=with_state,
                             n_docs=n_docs, variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_docs", [0, 6])
+def test_triton_training_path_bf16_gpu(n_docs):
+    """Training's call, h alone (no final-state gradient path), against the float64 reference; tolerance as in
+    test_triton_matches_reference_bf16_gpu."""
+    tensors, seg, state = make_inputs(2, 4, 1000, 128, 128, dtype=torch.bfloat16, device=DEVICE, with_state=True,
+                                      n_docs=n_docs)
+    got = _grads_of_outputs("triton", tensors, seg, state, ("h",))
+    ref_tensors, ref_state = _as_double(tensors, state)
+    ref = _grads_of_outputs("parallel", ref_tensors, seg, ref_state, ("h",))
+    for i, (x, r) in enumerate(zip(got, ref)):
+        assert torch.isfinite(x).all() and _rel(x, r) < 2e-2, (i, _rel(x, r))
 
 
 @pytest.mark.gpu
