@@ -454,7 +454,7 @@ def _bwd_gates(
     bh = tl.program_id(0)
     i = tl.arange(0, BS)
     carry = 0.0  # suffix sum at the first position of the block after, which lies in document carry_doc
-    carry_doc = 0
+    carry_doc = 0  # (read with documents only)
     for r in range(0, tl.cdiv(S, BS)):
         offs = S - 1 - (r * BS + i)
         valid = offs >= 0
@@ -466,11 +466,10 @@ def _bwd_gates(
             doc = tl.load(doc_ptr + (bh // NH) * S + offs, mask=valid, other=-1)
             dlf = tl.associative_scan((db, doc), 0, _segment_add)[0] + tl.where(doc == carry_doc, carry, 0.0)
             doc_before = tl.load(doc_ptr + (bh // NH) * S + offs - 1, mask=offs > 0, other=-1)
+            carry_doc = tl.sum(tl.where(i == BS - 1, doc, 0), 0)
         else:
-            doc = tl.zeros((BS,), dtype=tl.int32)
             dlf = tl.cumsum(db, 0) + carry
         carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
-        carry_doc = tl.sum(tl.where(i == BS - 1, doc, 0), 0)
         fg = tl.load(fg_ptr + bh * S + offs, mask=valid, other=0.0).to(tl.float32)
         dfg = dlf * tl.sigmoid(-fg)
         if HAS_DOC:

@@ -37,12 +37,17 @@ def make_inputs(B, NH, S, DQK, DV, *, dtype=torch.float64, device="cpu", seed=0,
     return tensors, seg, state
 
 
-def loss_and_grads(fn, tensors, seg, state, seed=1):
-    """Run fn, reduce h and the final (C, n) with fixed random weights, return (h, final state, grads)."""
-    h, (C, n, m) = fn(*tensors, segment_ids=seg, initial_state=state)
+def loss_and_grads(fn, tensors, seg, state, seed=1, outputs=("h", "C", "n")):
+    """Run fn, reduce the named ``outputs`` among h and the final (C, n) with fixed random weights, return (h,
+    final state, grads); grads of leaves that no named output reaches are zeros. fn may return h alone (the
+    final state left out: return_final_state=False); the state returned is then None."""
+    out = fn(*tensors, segment_ids=seg, initial_state=state)
+    h, final = out if isinstance(out, tuple) else (out, None)
+    named = dict(zip("hCn", (h, *final[:2]))) if final is not None else {"h": h}
     g = torch.Generator(device="cpu").manual_seed(seed)
-    w = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype) for x in (h, C, n)]
-    loss = (h * w[0]).sum() + (C * w[1]).sum() + (n * w[2]).sum()
+    w = {name: torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)
+         for name, x in named.items()}
+    loss = sum((named[name] * w[name]).sum() for name in outputs)
     leaves = list(tensors) + ([state[0], state[1]] if state is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
-    return h.detach(), (C.detach(), n.detach(), m.detach()), grads
+    grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+    return h.detach(), (tuple(x.detach() for x in final) if final is not None else None), grads

@@ -24,9 +24,10 @@ from xdistill_kernels.chunkwise_triton import _launch_overrides
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _fn(backend, chunk_size=None, **options):
+def _fn(backend, chunk_size=None, return_final_state=True, **options):
     def fn(*args, **kw):
-        return mlstm(*args, backend=backend, chunk_size=chunk_size, return_final_state=True, **options, **kw)
+        return mlstm(*args, backend=backend, chunk_size=chunk_size, return_final_state=return_final_state,
+                     **options, **kw)
 
     return fn
 
@@ -188,16 +189,11 @@ def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chun
 
 
 def _grads_of_outputs(backend, tensors, seg, state, outputs, chunk_size=None):
-    """Gradients (q, k, v, igate, fgate, C0, n0) of fixed random weights times the named ``outputs`` among h and
-    the final (C, n); with ``outputs == ("h",)`` the state is not asked for (return_final_state=False)."""
+    """loss_and_grads' gradients for the named ``outputs``; with ``outputs == ("h",)`` the state is not asked for
+    (return_final_state=False), as in training."""
     with_state = outputs != ("h",)
-    out = mlstm(*tensors, segment_ids=seg, initial_state=state, backend=backend, return_final_state=with_state,
-                chunk_size=chunk_size)
-    h, (C, n, _) = out if with_state else (out, (None, None, None))
-    g = torch.Generator(device="cpu").manual_seed(1)
-    loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)).sum()
-               for name, x in zip("hCn", (h, C, n)) if name in outputs)
-    return torch.autograd.grad(loss, [*tensors, state[0], state[1]], materialize_grads=True)
+    fn = _fn(backend, chunk_size, return_final_state=with_state)
+    return loss_and_grads(fn, tensors, seg, state, outputs=outputs)[2]
 
 
 @pytest.mark.parametrize("outputs", [("h",), ("h", "C"), ("C", "n")], ids=["h", "h+C", "state"])
