@@ -51,8 +51,9 @@
 #               The waiting lane idles for as long as the awaited job runs: await only jobs with a measured time
 #   llama8b-short  the Llama-3.1-8B rows `llama8b` leaves out at 1k and 16k, batch 1/8/32 (issue 9)
 #               [18, H200 9th, beside FSDP jobs]
-#   llama8b-long   the rest of issue 9's 8B grid: 128k at batch 1/8/32, batch 32 at 4k/32k/64k (points that do
-#               not fit are recorded as out of memory)                             [~20, by the 9th's per-point time]
+#   llama8b-long   the rest of issue 9's 8B grid: llama8b-128k (128k at batch 1/8/32) then llama8b-b32 (batch 32
+#               at 4k/32k/64k); points that do not fit are recorded as out of memory. The two halves can run in
+#               two lanes                                                           [~20, by the 9th's per-point time]
 #
 # Ninth session, one 4-GPU hold: FSDP 1- and 2-GPU jobs on cards 0-2 beside issue 10's last ablation arm on card 3
 # (14 min, H200), then the 4-GPU jobs once the lanes on cards 2 and 3 had ended (docs/multigpu.md):
@@ -98,10 +99,11 @@ job() {
       [[ -e $flag ]] || { echo "${1#await-} did not end within ${AWAIT_SECONDS:-1200} s" >&2; return 1; } ;;
     llama8b-short) $B --shape llama8b --contexts 1024 16384 --batches 1 8 32 \
                      --models teacher student student_compiled --resume --out $ROOT/llama8b ;;
-    llama8b-long) $B --shape llama8b --contexts 131072 --batches 1 8 32 --models teacher student student_compiled \
-                    --resume --out $ROOT/llama8b-long &&
-                  $B --shape llama8b --contexts 4096 32768 65536 --batches 32 \
-                    --models teacher student student_compiled --resume --out $ROOT/llama8b-long ;;
+    llama8b-long) job llama8b-128k && job llama8b-b32 ;;
+    llama8b-128k) $B --shape llama8b --contexts 131072 --batches 1 8 32 --models teacher student student_compiled \
+                    --resume --out $ROOT/llama8b-128k ;;
+    llama8b-b32) $B --shape llama8b --contexts 4096 32768 65536 --batches 32 \
+                   --models teacher student student_compiled --resume --out $ROOT/llama8b-b32 ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }
