@@ -539,15 +539,19 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     def launch(num_warps: int, **extra: int | None) -> dict:
         return dict(num_warps=num_warps, num_stages=3, **extra)
 
-    # Long sequences at head dim 128 (L = 128): the settings the launch sweep measured fastest at both such
-    # shapes, (1, 32, 16384 | 65536, 128) on an H200: 2.83 -> 2.45 and 10.98 -> 9.32 ms (docs/benchmarks.md,
-    # seventh session). Elsewhere the sweep's winners differed between shapes or were within its noise.
+    # L = 128: the state kernels' chain pipelined (fp32 gates, _bwd_states 3 deep, dden prefetched) won at
+    # every L = 128 shape of the twelfth session's launch sweep (H100): 2.66 -> 2.56, 10.29 -> 9.90 and
+    # (2, 9, 16384, 64) 1.36 -> 1.23 ms. At head dim 128 also the split backward with its restructured dq/dk
+    # block and the restructured output block: all together 2.66 -> 2.44 and 10.29 -> 9.45 ms; at head dim 64
+    # those two blocks lost (docs/benchmarks.md, "Twelfth session").
+    pipelined_states = L == 128
     long_128 = L == 128 and DV == 128
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
-               PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128, gates_fp32=long_128,
-               dqdk_restructured=False, output_restructured=False, dden_prefetch=False,
+               PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
+               gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
+               dden_prefetch=pipelined_states,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
-               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if long_128 else None),
+               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
                bwd_gates=launch(4, BS=min(1024, max(16, triton.next_power_of_2(S)))))
     for key, value in _LAUNCH_OVERRIDES.items():

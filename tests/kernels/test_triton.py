@@ -95,6 +95,7 @@ CPU_CASES = [
     ((1, 1, 45, 128, 64), 16, True, 3),  # DQK split into blocks of 64 inside the kernels
     ((1, 1, 20, 64, 128), 32, False, 2),  # DV split, S < chunk
     ((1, 1, 150, 128, 128), 128, True, 2),  # L = 128 at DV = 128: the long-sequence defaults (split backward, ...)
+    ((1, 1, 150, 64, 64), 128, True, 2),  # L = 128 at DV = 64: pipelined state kernels, unsplit backward
 ]
 
 
@@ -260,6 +261,7 @@ GPU_CASES = [
     ((1, 3, 777, 64, 64), None, True, 9),
     ((1, 2, 600, 256, 256), None, True, 3),
     ((1, 2, 600, 128, 128), 128, True, 3),
+    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 8192: the default L = 128 at head dim 64, ragged last chunk
 ]
 
 
