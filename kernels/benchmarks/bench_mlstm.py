@@ -46,10 +46,12 @@ PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
 # of spill stores there, offline, triton 3.6 sm_90a). fwd_output: its warps, or its restructured block
 # (output_restructured: q k^T before q C, q C as the (q k^T * P) v dot's accumulator, q loaded twice; spill stores
 # 172 -> 48 B at L = 128, D = 128 with fp32 gates, 132 -> 52 B with bf16 gates, offline, triton 3.6 sm_90a).
-# states:f32_bwd_ns3_ddenp is the default at L = 128, D = 128 (fp32 gates, _bwd_states pipelined 3 deep) with
-# _bwd_states' dden load outside its `if vb == 0` branch (dden_prefetch): the pipeliner then prefetches it through
-# cp.async like the other per-position loads instead of the vb == 0 programs waiting on a synchronous global load
-# every chunk step (offline TTGIR, triton 3.6 sm_90a; it needs the NUM_STAGES annotation to be taken).
+# states:f32_bwd_ns3_ddenp: fp32 gates, _bwd_states pipelined 3 deep, and its dden load outside the `if vb == 0`
+# branch (dden_prefetch), so the pipeliner prefetches it through cp.async like the other per-position loads instead
+# of the vb == 0 programs waiting on a synchronous global load every chunk step (offline TTGIR, triton 3.6 sm_90a;
+# it needs the NUM_STAGES annotation to be taken). Since the twelfth session's sweep (H100) the defaults are
+# states:f32_bwd_ns3_ddenp at every L = 128, and with grads:split_dv4_dqdkr and fwd_output:restructured at
+# L = 128, D = 128.
 LAUNCH_GRID = {
     "states:bwd_ns3": {"bwd_states": {"NUM_STAGES": 3}},
     "states:f32": {"gates_fp32": True},
@@ -202,10 +204,11 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
         t = fwd_bwd(lambda L=L: mlstm(q, k, v, ig, fg, backend="triton", chunk_size=L), leaves, dh)()
         row[f"ours_L{L}"] = t
         fl, by = flops_bytes(B, NH, S, D, L)
-        row[f"ours_L{L}_tflops"] = fl / t / 1e9
+        row[f"ours_L{L}_tflops"] = fl / t / 1e9  # t in ms
+        row[f"ours_L{L}_GBps"] = by / t / 1e6  # the fewest bytes the algorithm must move, over the time taken
         row[f"ours_L{L}_floor_ms"] = max(fl / PEAK_TFLOPS / 1e9, by / PEAK_TBPS / 1e9)
         print(f"{(B, NH, S, D)} ours L={L}: {t:.3f} ms ({fl / t / 1e9:.0f} TFLOP/s, "
-              f"{by / t / 1e9:.0f} GB/s of the byte floor)", flush=True)
+              f"{by / t / 1e6:.0f} GB/s of the byte floor)", flush=True)
         if graphs:  # at S = 4096 the eager times follow the host, so the chunk size is chosen on these
             t = graphed_fwd_bwd(lambda *x, L=L: mlstm(*x, backend="triton", chunk_size=L), leaves, dh)
             if t is not None:
@@ -338,7 +341,7 @@ def write_markdown(path, results, checks, device):
         if "shape" in r:
             sweep = [k for k in r if k.startswith("ours_L") and k.count("_") == 1]
             lines.append(f"- {r['shape']}: " + ", ".join(
-                f"L={k[6:]}: {r[k]:.3f} ms ({r[k + '_tflops']:.0f} TFLOP/s, "
+                f"L={k[6:]}: {r[k]:.3f} ms ({r[k + '_tflops']:.0f} TFLOP/s, {r[k + '_GBps']:.0f} GB/s, "
                 f"floor {r[k + '_floor_ms']:.3f} ms" + (f", graphed {r[k + '_graphed']:.3f} ms" if k + "_graphed" in r
                                                        else "") + ")"
                 for k in sweep))
