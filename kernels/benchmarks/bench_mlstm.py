@@ -12,6 +12,8 @@ the backward gets a fixed random upstream gradient.
     python kernels/benchmarks/bench_mlstm.py --out $OUT --launch-sweep   # also times LAUNCH_GRID per shape
     python kernels/benchmarks/bench_mlstm.py --out $OUT --graphs         # + ours (each chunk size too) and
                                                                          #   limit_chunk from CUDA graphs
+    python kernels/benchmarks/bench_mlstm.py --out $OUT --shapes 0,3 --trace  # + a Chrome trace of ours per
+                                                                         #   chunk size (kernel gaps on the GPU)
 """
 
 from __future__ import annotations
@@ -302,6 +304,32 @@ def profile_ours(B, NH, S, D):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
+def trace_ours(B, NH, S, D, chunks, out):
+    """Chrome trace (chrome://tracing or ui.perfetto.dev) of 5 eager forward+backward calls of ours at each chunk
+    size, to OUT/trace_BxNHxSxD_L{L}.json: the gaps between kernels on the GPU rows show where the host holds the
+    GPU back, and the CPU rows what it is doing then. Asked for by the twelfth session: at (1, 32, 4096, 128),
+    L = 128 took 1.49 ms eager for 0.68 ms of kernels (graphed), L = 64 0.23 ms above its kernels."""
+    (q, k, v, ig, fg), _, dh, _ = make(B, NH, S, D)
+    leaves = (q, k, v, ig, fg)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for L in chunks:
+        def call(L=L):
+            for leaf in leaves:
+                leaf.grad = None
+            mlstm(q, k, v, ig, fg, backend="triton", chunk_size=L).backward(dh)
+
+        for _ in range(3):  # compile and warm up outside the trace
+            call()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        path = os.path.join(out, f"trace_{B}x{NH}x{S}x{D}_L{L}.json")
+        prof.export_chrome_trace(path)
+        print(f"trace {(B, NH, S, D)} L={L}: {path}", flush=True)
+
+
 def bench_step(results):
     B, NH, D = 64, 32, 128
     state = mlstm_fresh_state(B, NH, D, D, "cuda")
@@ -387,6 +415,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
     ap.add_argument("--graphs", action="store_true",
                     help="also time ours and limit_chunk replayed from CUDA graphs (no host overhead per call)")
+    ap.add_argument("--trace", action="store_true",
+                    help="save a Chrome trace of ours at each chunk size of --chunks and each shape to --out")
     args = ap.parse_args()
     launch_names = list(LAUNCH_GRID) if args.launch_sweep == "all" else [n for n in args.launch_sweep.split(",") if n]
     unknown = set(launch_names) - set(LAUNCH_GRID)
@@ -402,6 +432,8 @@ def main():
     for shape in shapes:
         if args.profile:
             profile_ours(*shape)
+        if args.trace:
+            trace_ours(*shape, chunks, args.out)
         bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],
                     launch_names, args.graphs)
         torch.cuda.empty_cache()

@@ -29,7 +29,9 @@
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call (Triton's launch path apart, host
 #               time per torch op), ours (1 and 8 docs, each chunk size) and limit_chunk also replayed from CUDA
 #               graphs (issue 3)                                                                [6, H100 8th]
-#   kernels-sweep  the same with the state-tile and launch sweeps                           [8, H200 7th]
+#   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128 (eager; the twelfth
+#               session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels)   [~4, guess]
+#   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
@@ -79,6 +81,8 @@ job() {
     ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
     kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
                --graphs ;;
+    kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
+               --shapes 0,3 --graphs --profile --trace ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
@@ -139,7 +143,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;
