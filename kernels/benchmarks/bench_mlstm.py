@@ -192,7 +192,8 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names):
                            "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
 
 
-def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False):
+def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False,
+                compiled_mixer=False):
     (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
@@ -249,6 +250,11 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
         return o * mlstm(q, k, v, ig, fg, backend="triton") + (1 - o) * swa
 
     row["hybrid_mixer"] = fwd_bwd(mixer, leaves + [og], dh)()
+    if compiled_mixer:  # as the trainer runs it: compile_blocks compiles each decoder block, mixer included
+        try:
+            row["hybrid_mixer_compiled"] = fwd_bwd(torch.compile(mixer, dynamic=False), leaves + [og], dh)()
+        except Exception as e:  # reported, not fatal: the eager columns stand without it
+            print(f"compiled mixer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     results.append(row)
 
@@ -347,6 +353,8 @@ def write_markdown(path, results, checks, device):
             "flex_swa512_4sinks", "hybrid_mixer"]
     if any("ours_graphed" in r for r in results):
         cols += ["ours_graphed", "ours_8docs_graphed", "limit_chunk_graphed"]
+    if any("hybrid_mixer_compiled" in r for r in results):
+        cols += ["hybrid_mixer_compiled"]
     lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",
@@ -359,6 +367,10 @@ def write_markdown(path, results, checks, device):
         ratio = f"{lc / r['ours_default']:.2f}x" if lc else "-"
         lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {ratio} | "
                      f"{r['sdpa_causal'] / r['hybrid_mixer']:.2f}x |")
+    if any("hybrid_mixer_compiled" in r for r in results):
+        lines += ["", "SDPA / mixer compiled (torch.compile, as compile_blocks runs it): " + ", ".join(
+            f"{r['shape']}: {r['sdpa_causal'] / r['hybrid_mixer_compiled']:.2f}x"
+            for r in results if "hybrid_mixer_compiled" in r)]
     if any("ours_graphed" in r and "limit_chunk_graphed" in r for r in results):
         lines += ["", "Replayed from CUDA graphs (no host work per call), limit_chunk / ours: " + ", ".join(
             f"{r['shape']}: {r['limit_chunk_graphed'] / r['ours_graphed']:.2f}x"
@@ -415,6 +427,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print per-kernel times of ours at each shape")
     ap.add_argument("--graphs", action="store_true",
                     help="also time ours and limit_chunk replayed from CUDA graphs (no host overhead per call)")
+    ap.add_argument("--compiled-mixer", action="store_true",
+                    help="also time the hybrid mixer under torch.compile, as compile_blocks runs it in training")
     ap.add_argument("--trace", action="store_true",
                     help="save a Chrome trace of ours at each chunk size of --chunks and each shape to --out")
     args = ap.parse_args()
@@ -435,7 +449,7 @@ def main():
         if args.trace:
             trace_ours(*shape, chunks, args.out)
         bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],
-                    launch_names, args.graphs)
+                    launch_names, args.graphs, args.compiled_mixer)
         torch.cuda.empty_cache()
         write_markdown(os.path.join(args.out, "bench_mlstm.md"), results, checks, device)
     bench_step(results)

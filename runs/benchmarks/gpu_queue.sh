@@ -28,7 +28,7 @@
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call (Triton's launch path apart, host
 #               time per torch op), ours (1 and 8 docs, each chunk size) and limit_chunk also replayed from CUDA
-#               graphs (issue 3)                                                                [6, H100 8th]
+#               graphs, the hybrid mixer also compiled as training runs it (issue 3)     [6, H100 8th; + compiles]
 #   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128 (eager; the twelfth
 #               session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels)   [~4, guess]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
@@ -80,7 +80,7 @@ job() {
                     --models teacher student student_compiled --resume --out $ROOT/llama8b ;;
     ctx128k) $B --shape smollm2 --contexts 131072 --batches 1 8 32 $S --out $ROOT/ctx128k ;;
     kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
-               --graphs ;;
+               --graphs --compiled-mixer ;;
     kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
                --shapes 0,3 --graphs --profile --trace ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
