@@ -259,19 +259,25 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     results.append(row)
 
 
+def ours_call(leaves, dh, **kwargs):
+    """One eager forward+backward of ours on leaves (q, k, v, igate, fgate), as a closure. It clears the leaves'
+    gradients first: else each call's gradients are added to the last ones', 3 extra q-sized elementwise kernels
+    that the timed runs (grad_to_none) don't have."""
+    def call():
+        for leaf in leaves:
+            leaf.grad = None
+        mlstm(*leaves, backend="triton", **kwargs).backward(dh)
+
+    return call
+
+
 def profile_ours(B, NH, S, D):
     """Per-kernel CUDA time of one forward+backward of ours (torch.profiler), printed as a table, after the
     host's time per call: where it is not well below the GPU's, launches and torch glue bound the call. The host
     time is split into Triton's launch path (JITFunction.run: argument binding, cache lookup, launch) and the
     rest (torch ops, autograd, Python), and a second table lists the host time of each torch op."""
-    (q, k, v, ig, fg), _, dh, _ = make(B, NH, S, D)
-    leaves = (q, k, v, ig, fg)
-
-    def call():
-        for leaf in leaves:  # else each call's gradients are added to the last ones': 3 extra q-sized
-            leaf.grad = None  # elementwise kernels that the timed runs (grad_to_none) don't have
-        mlstm(q, k, v, ig, fg, backend="triton").backward(dh)
-
+    leaves, _, dh, _ = make(B, NH, S, D)
+    call = ours_call(leaves, dh)
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -315,15 +321,10 @@ def trace_ours(B, NH, S, D, chunks, out):
     size, to OUT/trace_BxNHxSxD_L{L}.json: the gaps between kernels on the GPU rows show where the host holds the
     GPU back, and the CPU rows what it is doing then. Asked for by the twelfth session: at (1, 32, 4096, 128),
     L = 128 took 1.49 ms eager for 0.68 ms of kernels (graphed), L = 64 0.23 ms above its kernels."""
-    (q, k, v, ig, fg), _, dh, _ = make(B, NH, S, D)
-    leaves = (q, k, v, ig, fg)
+    leaves, _, dh, _ = make(B, NH, S, D)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     for L in chunks:
-        def call(L=L):
-            for leaf in leaves:
-                leaf.grad = None
-            mlstm(q, k, v, ig, fg, backend="triton", chunk_size=L).backward(dh)
-
+        call = ours_call(leaves, dh, chunk_size=L)
         for _ in range(3):  # compile and warm up outside the trace
             call()
         torch.cuda.synchronize()
