@@ -38,10 +38,14 @@ FRESH_M = tl.constexpr(_FRESH_M)  # m of the fresh state, a compile-time constan
 
 
 @triton.jit
-def _chunk_gates(ig_ptr, fg_ptr, doc_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.constexpr):
+def _chunk_gates(ig_ptr, fg_ptr, seg_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.constexpr):
     """Per-position scalars of chunk c (pointers already at this row): cumulative log forget b (L,), igate
-    (L,), document index (L,; -1 past S), validity, and the documents of the incoming state and of the last
-    position. Without documents every valid position is in document 0."""
+    (L,), document index within the chunk (L,; -1 past S), validity, and the documents of the incoming state
+    and of the last position. A document starts where the segment id differs from the previous position's
+    (the chunk's first position compares with the last of the chunk before; position 0 continues the initial
+    state), so the index counts the starts up to each position: 0 is the incoming state's document. It is
+    computed here from two vector loads of the ids, not read from a precomputed index: no host ops per call,
+    and no scalar loads on the state kernels' chain, which the pipeliner cannot issue ahead."""
     offs = c * L + tl.arange(0, L)
     valid = offs < S
     fg = tl.load(fg_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -49,14 +53,15 @@ def _chunk_gates(ig_ptr, fg_ptr, doc_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.con
     lf = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)  # logsigmoid
     b = tl.cumsum(lf, 0)
     if HAS_DOC:
-        doc = tl.load(doc_ptr + offs, mask=valid, other=-1)
-        doc_prev = tl.load(doc_ptr + tl.maximum(c * L - 1, 0))  # position 0 continues the initial state
-        doc_last = tl.load(doc_ptr + tl.minimum(c * L + L, S) - 1)
+        seg = tl.load(seg_ptr + offs, mask=valid, other=0)
+        seg_before = tl.load(seg_ptr + offs - 1, mask=valid & (offs > 0), other=0)
+        starts = valid & (offs > 0) & (seg != seg_before)
+        doc = tl.where(valid, tl.cumsum(starts.to(tl.int32), 0), -1)
+        doc_last = tl.max(doc, 0)  # indices grow along the chunk
     else:
         doc = tl.where(valid, 0, -1)
-        doc_prev = 0
         doc_last = 0
-    return offs, valid, b, ig, doc, doc_prev, doc_last, tl.sum(lf, 0)
+    return offs, valid, b, ig, doc, 0, doc_last, tl.sum(lf, 0)
 
 
 @triton.jit
@@ -72,7 +77,7 @@ def _intra_logits(b, ig, doc, valid, L: tl.constexpr):
 def _fwd_states(
     k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DV)
     ig_ptr, fg_ptr,  # (B, NH, S) gate pre-activations
-    doc_ptr,  # (B, S) int32 document index (read only if HAS_DOC)
+    seg_ptr,  # (B, S) int32/int64 segment ids (read only if HAS_DOC)
     c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32 (if HAS_INIT)
     cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
     cf_ptr, nf_ptr, mf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) final state, fp32
@@ -87,7 +92,7 @@ def _fwd_states(
     v_ptr += bh * S * DV
     ig_ptr += bh * S
     fg_ptr += bh * S
-    doc_ptr += (bh // NH) * S
+    seg_ptr += (bh // NH) * S
     if HAS_INIT:
         C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
         n = tl.load(n0_ptr + bh * DQK + ok)
@@ -106,7 +111,7 @@ def _fwd_states(
         if vb == 0:
             tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
         offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-            ig_ptr, fg_ptr, doc_ptr, c, S, L, HAS_DOC)
+            ig_ptr, fg_ptr, seg_ptr, c, S, L, HAS_DOC)
         a_last = tl.where(doc_last == doc_prev, b_last + m, float("-inf"))
         logw = tl.where(valid & (doc == doc_last), b_last - b + ig, float("-inf"))
         m_new = tl.maximum(a_last, tl.max(logw, 0))
@@ -130,7 +135,7 @@ def _fwd_states(
 @triton.jit
 def _fwd_output(
     q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
-    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
+    ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # chunk states from _fwd_states
     h_ptr,  # (B, NH, S, DV) output, input dtype
     den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
@@ -144,7 +149,7 @@ def _fwd_output(
     c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ov = vb * BV + tl.arange(0, BV)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-        ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
+        ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
     log_inter = tl.where(valid & (doc == doc_prev), b + m_c, float("-inf"))
     logD = _intra_logits(b, ig, doc, valid, L)
@@ -245,7 +250,7 @@ def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, do
 @triton.jit
 def _bwd_states(
     q_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) gradient of the output
-    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
+    ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     ms_ptr, den_ptr, mi_ptr,  # (B*NH, NC+1), (B, NH, S), (B, NH, S) fp32 from the forward
     dcf_ptr, dnf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the final state (if HAS_DFINAL)
     dcs_ptr, dns_ptr,  # (B*NH, NC, DQK, DV) input dtype, (B*NH, NC, DQK) fp32: gradient of the state
@@ -276,7 +281,7 @@ def _bwd_states(
         if vb == 0:
             tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
         offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-            ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
+            ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
         m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
                                                            b, doc, doc_prev, eps)
         g = tl.where(doc_last == doc_prev, tl.exp(b_last + m_c - m_next), 0.0)
@@ -326,7 +331,7 @@ def _row_state_dots(x_ptr, st_ptr, rows, state_rows, mask, DV: tl.constexpr, BV:
 @triton.jit
 def _bwd_grads(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
-    ig_ptr, fg_ptr, doc_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32 (if HAS_DOC)
+    ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # forward chunk states
     den_ptr, mi_ptr, dden_ptr,  # (B, NH, S) fp32
     dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
@@ -345,7 +350,7 @@ def _bwd_grads(
     inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs."""
     c, bh = tl.program_id(0), tl.program_id(1)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
-        ig_ptr + bh * S, fg_ptr + bh * S, doc_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
+        ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
                                                        b, doc, doc_prev, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
@@ -436,7 +441,7 @@ def _segment_add(v_a, doc_a, v_b, doc_b):
 @triton.jit
 def _bwd_gates(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
-    fg_ptr, doc_ptr,  # (B, NH, S) forget-gate pre-activations, (B, S) int32 (if HAS_DOC)
+    fg_ptr, seg_ptr,  # (B, NH, S) forget-gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     dfin_ptr,  # (B, NH) fp32: C.dC + n.dn of the final state (if HAS_DFINAL)
     dig_ptr, dfg_ptr,  # (B, NH, S) outputs in the gates' dtypes
     NH, S,
@@ -450,11 +455,14 @@ def _bwd_gates(
 
     One program per (batch, head) row walks it from the end in blocks of BS positions, each loaded last position
     first, so that the suffix sums are an inclusive scan (restarting at document changes) plus the running sum
-    carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation."""
+    carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation. With
+    documents, the scan's document index counts, along the scan, the positions after which a document starts
+    (ids differ from the next position's): 0 is the document of the block after's first position, the only
+    one the carried sum belongs to."""
     bh = tl.program_id(0)
     i = tl.arange(0, BS)
-    carry = 0.0  # suffix sum at the first position of the block after, which lies in document carry_doc
-    carry_doc = 0  # (read with documents only)
+    carry = 0.0  # suffix sum at the first position of the block after
+    seg_ptr += (bh // NH) * S
     for r in range(0, tl.cdiv(S, BS)):
         offs = S - 1 - (r * BS + i)
         valid = offs >= 0
@@ -463,17 +471,19 @@ def _bwd_gates(
         if HAS_DFINAL:
             db += tl.where(offs == S - 1, tl.load(dfin_ptr + bh), 0.0)
         if HAS_DOC:
-            doc = tl.load(doc_ptr + (bh // NH) * S + offs, mask=valid, other=-1)
-            dlf = tl.associative_scan((db, doc), 0, _segment_add)[0] + tl.where(doc == carry_doc, carry, 0.0)
-            doc_before = tl.load(doc_ptr + (bh // NH) * S + offs - 1, mask=offs > 0, other=-1)
-            carry_doc = tl.sum(tl.where(i == BS - 1, doc, 0), 0)
+            seg = tl.load(seg_ptr + offs, mask=valid, other=0)
+            seg_after = tl.load(seg_ptr + offs + 1, mask=valid & (offs < S - 1), other=0)
+            seg_before = tl.load(seg_ptr + offs - 1, mask=offs > 0, other=0)
+            ends = valid & (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
+            doc = tl.cumsum(ends.to(tl.int32), 0)
+            dlf = tl.associative_scan((db, doc), 0, _segment_add)[0] + tl.where(doc == 0, carry, 0.0)
         else:
             dlf = tl.cumsum(db, 0) + carry
         carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
         fg = tl.load(fg_ptr + bh * S + offs, mask=valid, other=0.0).to(tl.float32)
         dfg = dlf * tl.sigmoid(-fg)
         if HAS_DOC:
-            dfg = tl.where((offs > 0) & (doc != doc_before), 0.0, dfg)
+            dfg = tl.where((offs > 0) & (seg != seg_before), 0.0, dfg)
         tl.store(dfg_ptr + bh * S + offs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
         tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
 
@@ -568,13 +578,13 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
 
 class _MLSTMChunkwise(torch.autograd.Function):
     """Inputs: q, k (B,NH,S,DQK), v (B,NH,S,DV) contiguous of one dtype; igate, fgate (B,NH,S) contiguous;
-    C0, n0, m0 fp32 or None (fresh); doc (B,S) int32 or None (one document). Outputs h, and the final C, n, m
-    only if with_state: autograd gives a returned but unused output a zero gradient, so a final state returned
-    in training would cost three zero fills, zero terms in the gate gradients and _bwd_states' final-state path,
-    all for nothing."""
+    C0, n0, m0 fp32 or None (fresh); seg (B,S) int32/int64 segment ids, contiguous, or None (one document).
+    Outputs h, and the final C, n, m only if with_state: autograd gives a returned but unused output a zero
+    gradient, so a final state returned in training would cost three zero fills, zero terms in the gate
+    gradients and _bwd_states' final-state path, all for nothing."""
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, doc, eps, chunk_size, state_block, with_state):
+    def forward(ctx, q, k, v, igate, fgate, C0, n0, m0, seg, eps, chunk_size, state_block, with_state):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         cfg = _config(S, DQK, DV, q.dtype, chunk_size, state_block)
@@ -584,7 +594,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ctx.gate_dtypes = igate.dtype, fgate.dtype
         if cfg["gates_fp32"]:  # the kernels upcast every gate at once, so this changes no result
             igate, fgate = igate.float(), fgate.float()
-        flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
+        flags = dict(PREC=cfg["PREC"], HAS_DOC=seg is not None)
         cs = torch.empty(B * NH, NC, DQK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(B * NH, NC, DQK, device=dev, dtype=torch.float32)
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
@@ -592,19 +602,19 @@ class _MLSTMChunkwise(torch.autograd.Function):
         nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
         mf = torch.empty(B, NH, device=dev, dtype=torch.float32)
         # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
-        doc_arg = doc if doc is not None else ms
+        seg_arg = seg if seg is not None else ms
         init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
         _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
-            k, v, igate, fgate, doc_arg, *init, cs, ns, ms, Cf, nf, mf, NH, S, NC,
+            k, v, igate, fgate, seg_arg, *init, cs, ns, ms, Cf, nf, mf, NH, S, NC,
             DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, **cfg["fwd_states"], **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         _fwd_output[(NC, B * NH, DV // cfg["BVO"])](
-            q, k, v, igate, fgate, doc_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
+            q, k, v, igate, fgate, seg_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
             **cfg["fwd_output"], **flags)
-        ctx.save_for_backward(q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf)
+        ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, Cf, nf)
         ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state
         if not with_state:
             return h
@@ -613,13 +623,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dCf=None, dnf=None, _dmf=None):
-        q, k, v, igate, fgate, doc, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
+        q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
         cfg, eps = ctx.cfg, ctx.eps
         L, BK, BV = cfg["L"], cfg["BK"], cfg["BV"]
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         NC = ms.shape[1] - 1
-        flags = dict(PREC=cfg["PREC"], HAS_DOC=doc is not None)
+        flags = dict(PREC=cfg["PREC"], HAS_DOC=seg is not None)
         dh = dh.to(q.dtype).contiguous()
         has_dfinal = ctx.with_state  # autograd passes zeros for returned outputs that are unused
         if has_dfinal:
@@ -627,18 +637,18 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dcs, dns, dden = torch.empty_like(cs), torch.empty_like(ns), torch.empty_like(den)
         dC0 = torch.empty_like(Cf) if ctx.has_init else None
         dn0 = torch.empty_like(nf) if ctx.has_init else None
-        doc_arg = doc if doc is not None else ms  # stand-ins for absent optional tensors, never read
+        seg_arg = seg if seg is not None else ms  # stand-ins for absent optional tensors, never read
         dfinal = (dCf, dnf) if has_dfinal else (Cf, nf)
         dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
         _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
                                                  **cfg["bwd_dden"])
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
-            q, dh, igate, fgate, doc_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
+            q, dh, igate, fgate, seg_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
             DDEN_PREFETCH=cfg["dden_prefetch"], **cfg["bwd_states"], **flags)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
-        args = (q, k, v, dh, igate, fgate, doc_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
+        args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
                 NH, S, NC, eps)
         split = [(True, False, "bwd_dqdk"), (False, True, "bwd_dv")]
         for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
@@ -649,7 +659,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ig_dtype, fg_dtype = ctx.gate_dtypes
         dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
-        _bwd_gates[(B * NH,)](qdq, kdk, fgate, doc_arg, d_final, dig, dfg, NH, S, HAS_DOC=doc is not None,
+        _bwd_gates[(B * NH,)](qdq, kdk, fgate, seg_arg, d_final, dig, dfg, NH, S, HAS_DOC=seg is not None,
                               HAS_DFINAL=has_dfinal, **cfg["bwd_gates"])
         return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None, None
 
@@ -678,13 +688,19 @@ def mlstm_triton(
         raise ValueError(f"mlstm triton: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          f"igate {tuple(igate.shape)} fgate {tuple(fgate.shape)}")
     k, v = k.to(q.dtype), v.to(q.dtype)
-    doc = None
+    seg = None
     if segment_ids is not None:
-        doc = document_index(segment_ids, B, S, q.device).to(torch.int32).contiguous()
+        if segment_ids.shape != (B, S):
+            raise ValueError(f"segment_ids must have shape (B, S) = {(B, S)}, got {tuple(segment_ids.shape)}")
+        # the kernels find the document starts themselves (ids differing from the previous position's); other
+        # dtypes go through their document index, whose steps are the same starts
+        seg = segment_ids if segment_ids.dtype in (torch.int32, torch.int64) else \
+            document_index(segment_ids, B, S, q.device).to(torch.int32)
+        seg = seg.contiguous()
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = (x.float().contiguous() for x in initial_state)
         m0 = m0.detach()
     out = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
-                                fgate.contiguous(), C0, n0, m0, doc, eps, chunk_size, state_block, return_final_state)
+                                fgate.contiguous(), C0, n0, m0, seg, eps, chunk_size, state_block, return_final_state)
     return (out[0], out[1:]) if return_final_state else (out, None)

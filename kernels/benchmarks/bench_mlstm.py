@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
-from xdistill_kernels import attention, mlstm, mlstm_fresh_state, mlstm_step
+from xdistill_kernels import attention, gate_mix, mlstm, mlstm_fresh_state, mlstm_step
 from xdistill_kernels.chunkwise_triton import _launch_overrides
 from xdistill_kernels.reference import mlstm_chunkwise
 
@@ -75,7 +75,7 @@ def make(B, NH, S, D, seed=0, docs=0):
     q, k = (r(B, NH, S, D) * D**-0.5).bfloat16(), (r(B, NH, S, D) * D**-0.5).bfloat16()
     v = r(B, NH, S, D).bfloat16()
     ig, fg = r(B, NH, S).bfloat16(), (r(B, NH, S) + 3).bfloat16()
-    og = r(B, NH, S, 1).bfloat16()
+    og = r(B, NH, S)  # output-gate pre-activation, fp32 as the student's gate_activations returns it
     dh = r(B, NH, S, D).bfloat16()
     seg = None
     if docs:
@@ -244,15 +244,23 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     row["flex_swa512_4sinks"] = fwd_bwd(lambda: attention(q, k, v, window=512, n_sinks=4, backend="flex"),
                                         [q, k, v], dh)()
 
-    def mixer():
-        o = torch.sigmoid(og)
+    def mixer(q, k, v, ig, fg, og):
+        # as the student's HybridMixer runs it on a GPU: FlexAttention SWA + sinks, our mLSTM, and the fused
+        # output mix (xdistill_kernels.gate_mix, one kernel each way; it writes the (B, S, NH, D) layout o_proj
+        # reads). The sigmoid stands for gate_activations, which computes o together with the mLSTM gates.
         swa = attention(q, k, v, window=512, n_sinks=4)
-        return o * mlstm(q, k, v, ig, fg, backend="triton") + (1 - o) * swa
+        return gate_mix(torch.sigmoid(og), mlstm(q, k, v, ig, fg, backend="triton"), swa)
 
-    row["hybrid_mixer"] = fwd_bwd(mixer, leaves + [og], dh)()
+    mixer_in = leaves + [og]
+    row["hybrid_mixer"] = fwd_bwd(lambda: mixer(*mixer_in), mixer_in, dh)()
+    if graphs:  # the whole mixer from CUDA graphs: its kernels' time without the host's
+        t = graphed_fwd_bwd(mixer, mixer_in, dh)
+        if t is not None:
+            row["hybrid_mixer_graphed"] = t
     if compiled_mixer:  # as the trainer runs it: compile_blocks compiles each decoder block, mixer included
         try:
-            row["hybrid_mixer_compiled"] = fwd_bwd(torch.compile(mixer, dynamic=False), leaves + [og], dh)()
+            compiled = torch.compile(mixer, dynamic=False)
+            row["hybrid_mixer_compiled"] = fwd_bwd(lambda: compiled(*mixer_in), mixer_in, dh)()
         except Exception as e:  # reported, not fatal: the eager columns stand without it
             print(f"compiled mixer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -271,13 +279,14 @@ def ours_call(leaves, dh, **kwargs):
     return call
 
 
-def profile_ours(B, NH, S, D):
+def profile_ours(B, NH, S, D, docs=0):
     """Per-kernel CUDA time of one forward+backward of ours (torch.profiler), printed as a table, after the
     host's time per call: where it is not well below the GPU's, launches and torch glue bound the call. The host
     time is split into Triton's launch path (JITFunction.run: argument binding, cache lookup, launch) and the
     rest (torch ops, autograd, Python), and a second table lists the host time of each torch op."""
-    leaves, _, dh, _ = make(B, NH, S, D)
-    call = ours_call(leaves, dh)
+    leaves, _, dh, seg = make(B, NH, S, D, docs=docs)
+    call = ours_call(leaves, dh, segment_ids=seg)
+    label = f"{(B, NH, S, D)}" + (f", {docs} docs" if docs else "")
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -303,28 +312,29 @@ def profile_ours(B, NH, S, D):
             torch.cuda.synchronize()
     finally:
         triton.runtime.jit.JITFunction.run = jit_run
-    print(f"host time to issue one forward+backward {(B, NH, S, D)}: median {statistics.median(host) * 1e6:.0f} us, "
+    print(f"host time to issue one forward+backward {label}: median {statistics.median(host) * 1e6:.0f} us, "
           f"of which Triton's launch path {statistics.median(in_triton) * 1e6:.0f} us", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):
             call()
         torch.cuda.synchronize()
-    print(f"profile {(B, NH, S, D)}, 5 iterations:")
+    print(f"profile {label}, 5 iterations:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    print(f"host time by op {(B, NH, S, D)}, 5 iterations:")
+    print(f"host time by op {label}, 5 iterations:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def trace_ours(B, NH, S, D, chunks, out):
     """Chrome trace (chrome://tracing or ui.perfetto.dev) of 5 eager forward+backward calls of ours at each chunk
-    size, to OUT/trace_BxNHxSxD_L{L}.json: the gaps between kernels on the GPU rows show where the host holds the
-    GPU back, and the CPU rows what it is doing then. Asked for by the twelfth session: at (1, 32, 4096, 128),
-    L = 128 took 1.49 ms eager for 0.68 ms of kernels (graphed), L = 64 0.23 ms above its kernels."""
-    leaves, _, dh, _ = make(B, NH, S, D)
+    size, with one document and with 8, to OUT/trace_BxNHxSxD_L{L}[_8docs].json: the gaps between kernels on the
+    GPU rows show where the host holds the GPU back, and the CPU rows what it is doing then. Asked for by the
+    twelfth session: at (1, 32, 4096, 128), L = 128 took 1.49 ms eager for 0.68 ms of kernels (graphed), L = 64
+    0.23 ms above its kernels."""
+    leaves, _, dh, seg = make(B, NH, S, D, docs=8)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    for L in chunks:
-        call = ours_call(leaves, dh, chunk_size=L)
+    for L, docs in [(L, docs) for L in chunks for docs in (0, 8)]:
+        call = ours_call(leaves, dh, chunk_size=L, segment_ids=seg if docs else None)
         for _ in range(3):  # compile and warm up outside the trace
             call()
         torch.cuda.synchronize()
@@ -332,9 +342,9 @@ def trace_ours(B, NH, S, D, chunks, out):
             for _ in range(5):
                 call()
             torch.cuda.synchronize()
-        path = os.path.join(out, f"trace_{B}x{NH}x{S}x{D}_L{L}.json")
+        path = os.path.join(out, f"trace_{B}x{NH}x{S}x{D}_L{L}" + ("_8docs" if docs else "") + ".json")
         prof.export_chrome_trace(path)
-        print(f"trace {(B, NH, S, D)} L={L}: {path}", flush=True)
+        print(f"trace {(B, NH, S, D)} L={L} docs={docs}: {path}", flush=True)
 
 
 def bench_step(results):
@@ -354,8 +364,7 @@ def write_markdown(path, results, checks, device):
             "flex_swa512_4sinks", "hybrid_mixer"]
     if any("ours_graphed" in r for r in results):
         cols += ["ours_graphed", "ours_8docs_graphed", "limit_chunk_graphed"]
-    if any("hybrid_mixer_compiled" in r for r in results):
-        cols += ["hybrid_mixer_compiled"]
+    cols += [c for c in ("hybrid_mixer_graphed", "hybrid_mixer_compiled") if any(c in r for r in results)]
     lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",
@@ -368,10 +377,11 @@ def write_markdown(path, results, checks, device):
         ratio = f"{lc / r['ours_default']:.2f}x" if lc else "-"
         lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {ratio} | "
                      f"{r['sdpa_causal'] / r['hybrid_mixer']:.2f}x |")
-    if any("hybrid_mixer_compiled" in r for r in results):
-        lines += ["", "SDPA / mixer compiled (torch.compile, as compile_blocks runs it): " + ", ".join(
-            f"{r['shape']}: {r['sdpa_causal'] / r['hybrid_mixer_compiled']:.2f}x"
-            for r in results if "hybrid_mixer_compiled" in r)]
+    for col, what in (("hybrid_mixer_graphed", "replayed from CUDA graphs"),
+                      ("hybrid_mixer_compiled", "torch.compile, as compile_blocks runs it")):
+        if any(col in r for r in results):
+            lines += ["", f"SDPA / mixer {what}: " + ", ".join(
+                f"{r['shape']}: {r['sdpa_causal'] / r[col]:.2f}x" for r in results if col in r)]
     if any("ours_graphed" in r and "limit_chunk_graphed" in r for r in results):
         lines += ["", "Replayed from CUDA graphs (no host work per call), limit_chunk / ours: " + ", ".join(
             f"{r['shape']}: {r['limit_chunk_graphed'] / r['ours_graphed']:.2f}x"
@@ -445,8 +455,9 @@ def main():
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     chunks = [int(c) for c in args.chunks.split(",") if c]
     for shape in shapes:
-        if args.profile:
+        if args.profile:  # one document, then 8: the packed path's extra cost per kernel
             profile_ours(*shape)
+            profile_ours(*shape, docs=8)
         if args.trace:
             trace_ours(*shape, chunks, args.out)
         bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],

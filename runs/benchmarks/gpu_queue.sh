@@ -18,6 +18,7 @@
 #   memory      SmolLM2 students (eager and compiled decode step), 1k-64k x batch 1/8/32: decode memory after
 #               the cache-leak fix, against the fifth session's same-process table (issue 9)  [11, H200 6th]
 #   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
+#   kernel-tests  the GPU-marked kernel tests alone (no teacher needed)
 #   llama8b     Llama-3.1-8B shape, teacher + student, the student's decode step as a CUDA graph and also
 #               compiled: the graphed step alone ran 11.6 ms, 2.4x its 16 GB weight-read roofline (H100 8th),
 #               4k/32k/64k x batch 1/8 (issue 9)                              [8 without student_compiled, H100 8th]
@@ -29,8 +30,9 @@
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call (Triton's launch path apart, host
 #               time per torch op), ours (1 and 8 docs, each chunk size) and limit_chunk also replayed from CUDA
 #               graphs, the hybrid mixer also compiled as training runs it (issue 3)     [6, H100 8th; + compiles]
-#   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128 (eager; the twelfth
-#               session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels)   [~4, guess]
+#   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128, 1 and 8 documents (eager;
+#               the twelfth session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels), the
+#               mixer graphed and compiled                                                 [~4, guess]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
@@ -74,6 +76,7 @@ job() {
     memory) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 \
               --models student student_compiled --out $ROOT/memory ;;
     gpu-tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/inference ;;
+    kernel-tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels ;;
     llama8b) $B --shape llama8b --contexts 4096 32768 65536 --batches 1 8 --models teacher student student_compiled \
                --resume --out $ROOT/llama8b ;;
     llama8b-full) $B --shape llama8b --contexts 1024 4096 16384 32768 65536 131072 --batches 1 8 32 \
@@ -82,7 +85,7 @@ job() {
     kernels) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels --profile \
                --graphs --compiled-mixer ;;
     kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
-               --shapes 0,3 --graphs --profile --trace ;;
+               --shapes 0,3 --graphs --profile --trace --compiled-mixer ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \

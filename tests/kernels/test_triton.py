@@ -136,6 +136,19 @@ def test_triton_fp32_gates_change_nothing():
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
+def test_triton_segment_id_dtypes_agree():
+    """The kernels find document starts in int32/int64 ids themselves; other dtypes (here int16 and float) go
+    through the document index first. Every form gives bitwise the same outputs and gradients as int64 ids."""
+    tensors, seg, state = make_inputs(2, 1, 45, 16, 16, dtype=torch.float32, device=DEVICE, with_state=True,
+                                      n_docs=6)
+    flat = lambda r: [r[0], *r[1], *r[2]]  # noqa: E731
+    ref = flat(loss_and_grads(_fn("triton", 16), tensors, seg.long(), state))
+    for dtype in (torch.int32, torch.int16, torch.float32):
+        got = flat(loss_and_grads(_fn("triton", 16), tensors, seg.to(dtype), state))
+        for x, y in zip(ref, got):
+            assert torch.equal(x, y), dtype
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel and records the keyword arguments (constexprs) of each launch."""
 
