@@ -102,16 +102,23 @@ def _block_mask(B, S, window, n_sinks, segment_ids, device):
     if cached is not None and (segment_ids is None or cached[0]() is segment_ids):
         _BLOCK_MASKS.move_to_end(key)
         return cached[1]
-    doc, start = _doc_and_start(segment_ids, B if segment_ids is not None else 1, S, device)
+    if segment_ids is None:
+        # One document: index arithmetic only. FlexAttention evaluates mask_mod on every element of its partial
+        # blocks (with a 512 window: the diagonal, the window's far edge and the sinks), so tensor lookups there
+        # cost every call, not only when the block mask is built.
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = kv_idx <= q_idx
+            if window is not None:  # no in-place ops here: inductor cannot lower them inside a mask_mod
+                visible = visible & (((q_idx - kv_idx) < window) | (kv_idx < n_sinks))
+            return visible
+    else:
+        doc, start = _doc_and_start(segment_ids, B, S, device)  # (the closure must not keep the ids alive)
 
-    per_row = segment_ids is not None  # (the closure must not keep the ids alive: see the weak reference)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        bb = b if per_row else 0
-        visible = (kv_idx <= q_idx) & (doc[bb, q_idx] == doc[bb, kv_idx])
-        if window is not None:  # no in-place ops here: inductor cannot lower them inside a mask_mod
-            visible = visible & (((q_idx - kv_idx) < window) | ((kv_idx - start[bb, kv_idx]) < n_sinks))
-        return visible
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+            if window is not None:
+                visible = visible & (((q_idx - kv_idx) < window) | ((kv_idx - start[b, kv_idx]) < n_sinks))
+            return visible
 
     mask = create_block_mask(mask_mod, B if segment_ids is not None else None, None, S, S, device=device,
                              _compile=_compile_mask_build(device, S))

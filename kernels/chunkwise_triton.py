@@ -24,6 +24,7 @@ docs/kernels.md derives the formulas and counts FLOPs and bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -80,10 +81,11 @@ def _fwd_states(
     seg_ptr,  # (B, S) int32/int64 segment ids (read only if HAS_DOC)
     c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32 (if HAS_INIT)
     cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
-    cf_ptr, nf_ptr, mf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) final state, fp32
+    cf_ptr, nf_ptr, mf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) final state, fp32 (if HAS_FINAL)
     NH, S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_FINAL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ok = kb * BK + tl.arange(0, BK)
@@ -125,11 +127,12 @@ def _fwd_states(
         m = m_new
         if (kb == 0) & (vb == 0):
             tl.store(ms_ptr + bh * (NC + 1) + c + 1, m)
-    tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
-    if vb == 0:
-        tl.store(nf_ptr + bh * DQK + ok, n)
-    if (kb == 0) & (vb == 0):
-        tl.store(mf_ptr + bh, m)
+    if HAS_FINAL:
+        tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
+        if vb == 0:
+            tl.store(nf_ptr + bh * DQK + ok, n)
+        if (kb == 0) & (vb == 0):
+            tl.store(mf_ptr + bh, m)
 
 
 @triton.jit
@@ -510,11 +513,21 @@ def _launch_overrides(**overrides: bool | dict[str, int | None]) -> Iterator[Non
 
 
 def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
-            state_block: int | None = None) -> dict:
-    """Chunk length L, block sizes and every kernel's launch settings. Default L (measured on an H100,
-    docs/benchmarks.md): 128 for long sequences with head dims <= 128 (half the sequential steps of the state
-    kernels, which dominate there), 64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and
-    short sequences have few steps).
+              state_block: int | None = None) -> dict:
+    """_launch_config, memoized while no _launch_overrides block is active (it runs once per forward, and at
+    S = 4096 the host's time per call bounds the forward+backward). The returned dict is shared: read only."""
+    if _LAUNCH_OVERRIDES:
+        return _launch_config(S, DQK, DV, dtype, chunk_size, state_block)
+    return _default_config(S, DQK, DV, dtype, chunk_size, state_block)
+
+
+def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
+                   state_block: int | None = None) -> dict:
+    """Chunk length L, block sizes and every kernel's launch settings. Default L (measured on an H100 and an
+    H200, docs/benchmarks.md): 128 from S = 4096 on with head dims <= 128 (half the sequential steps of the
+    state kernels, which dominate the GPU time; at S = 4096 graphed 0.64 vs 0.87 ms at head dim 128 and 0.67 vs
+    0.79 ms at 64, H200), 64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences
+    have few steps).
 
     The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
     (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
@@ -538,7 +551,7 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
-    L = chunk_size or (128 if S >= 8192 and max(DQK, DV) <= 128 else 64)
+    L = chunk_size or (128 if S >= 4096 and max(DQK, DV) <= 128 else 64)
     if L < 16 or L & (L - 1):
         raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
     tile = state_block or 64
@@ -576,6 +589,9 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
     return cfg
 
 
+_default_config = functools.lru_cache(maxsize=256)(_launch_config)
+
+
 class _MLSTMChunkwise(torch.autograd.Function):
     """Inputs: q, k (B,NH,S,DQK), v (B,NH,S,DV) contiguous of one dtype; igate, fgate (B,NH,S) contiguous;
     C0, n0, m0 fp32 or None (fresh); seg (B,S) int32/int64 segment ids, contiguous, or None (one document).
@@ -598,15 +614,18 @@ class _MLSTMChunkwise(torch.autograd.Function):
         cs = torch.empty(B * NH, NC, DQK, DV, device=dev, dtype=q.dtype)
         ns = torch.empty(B * NH, NC, DQK, device=dev, dtype=torch.float32)
         ms = torch.empty(B * NH, NC + 1, device=dev, dtype=torch.float32)
-        Cf = torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32)
-        nf = torch.empty(B, NH, DQK, device=dev, dtype=torch.float32)
-        mf = torch.empty(B, NH, device=dev, dtype=torch.float32)
-        # Pointers of absent optional tensors (HAS_* False) are never read: any tensor stands in for them.
+        # Pointers of absent optional tensors (HAS_* False) are never read or written: any tensor stands in.
+        final = (cs, ns, ms)
+        if with_state:
+            final = (torch.empty(B, NH, DQK, DV, device=dev, dtype=torch.float32),
+                     torch.empty(B, NH, DQK, device=dev, dtype=torch.float32),
+                     torch.empty(B, NH, device=dev, dtype=torch.float32))
         seg_arg = seg if seg is not None else ms
-        init = (C0, n0, m0) if C0 is not None else (Cf, nf, ms)
+        init = (C0, n0, m0) if C0 is not None else (cs, ns, ms)
         _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
-            k, v, igate, fgate, seg_arg, *init, cs, ns, ms, Cf, nf, mf, NH, S, NC,
-            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, **cfg["fwd_states"], **flags)
+            k, v, igate, fgate, seg_arg, *init, cs, ns, ms, *final, NH, S, NC,
+            DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, HAS_FINAL=with_state,
+            **cfg["fwd_states"], **flags)
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -614,16 +633,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
             q, k, v, igate, fgate, seg_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
             **cfg["fwd_output"], **flags)
-        ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, Cf, nf)
+        ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, *final[:2] if with_state else ())
         ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state
         if not with_state:
             return h
-        ctx.mark_non_differentiable(mf)
-        return h, Cf, nf, mf
+        ctx.mark_non_differentiable(final[2])
+        return (h, *final)
 
     @staticmethod
     def backward(ctx, dh, dCf=None, dnf=None, _dmf=None):
-        q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, Cf, nf = ctx.saved_tensors
+        q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, *final = ctx.saved_tensors  # final: (Cf, nf) or ()
         cfg, eps = ctx.cfg, ctx.eps
         L, BK, BV = cfg["L"], cfg["BK"], cfg["BV"]
         B, NH, S, DQK = q.shape
@@ -635,11 +654,13 @@ class _MLSTMChunkwise(torch.autograd.Function):
         if has_dfinal:
             dCf, dnf = dCf.float().contiguous(), dnf.float().contiguous()
         dcs, dns, dden = torch.empty_like(cs), torch.empty_like(ns), torch.empty_like(den)
-        dC0 = torch.empty_like(Cf) if ctx.has_init else None
-        dn0 = torch.empty_like(nf) if ctx.has_init else None
-        seg_arg = seg if seg is not None else ms  # stand-ins for absent optional tensors, never read
-        dfinal = (dCf, dnf) if has_dfinal else (Cf, nf)
-        dinit = (dC0, dn0) if ctx.has_init else (Cf, nf)
+        dC0 = dn0 = None
+        if ctx.has_init:
+            dC0 = torch.empty(B, NH, DQK, DV, device=q.device, dtype=torch.float32)
+            dn0 = torch.empty(B, NH, DQK, device=q.device, dtype=torch.float32)
+        seg_arg = seg if seg is not None else ms  # stand-ins for absent optional tensors, never touched
+        dfinal = (dCf, dnf) if has_dfinal else (dcs, dns)
+        dinit = (dC0, dn0) if ctx.has_init else (dcs, dns)
         _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
                                                  **cfg["bwd_dden"])
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
@@ -655,7 +676,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      **cfg[launch], **flags)
-        d_final = ((dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)).contiguous() if has_dfinal else den  # (unread)
+        d_final = den  # (unread without a final state)
+        if has_dfinal:
+            Cf, nf = final
+            d_final = ((dCf * Cf).sum((-1, -2)) + (dnf * nf).sum(-1)).contiguous()
         ig_dtype, fg_dtype = ctx.gate_dtypes
         dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)

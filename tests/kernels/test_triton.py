@@ -232,7 +232,7 @@ def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
 def test_triton_dqdk_restructured_needs_the_split():
     tensors, _, _ = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE)
     with _launch_overrides(dqdk_restructured=True), pytest.raises(ValueError, match="split backward only"):
-        mlstm(*tensors, backend="triton", chunk_size=16)  # S < 8192: split_bwd is off by default
+        mlstm(*tensors, backend="triton", chunk_size=16)  # L = 16: split_bwd is off
 
 
 def test_triton_rejects_unknown_launch_override():
@@ -274,7 +274,8 @@ GPU_CASES = [
     ((1, 3, 777, 64, 64), None, True, 9),
     ((1, 2, 600, 256, 256), None, True, 3),
     ((1, 2, 600, 128, 128), 128, True, 3),
-    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 8192: the default L = 128 at head dim 64, ragged last chunk
+    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 4096: the default L = 128 at head dim 64, ragged last chunk
+    ((1, 2, 4100, 128, 128), None, True, 4),  # the default L = 128 at head dim 128 (split backward), ragged
 ]
 
 
