@@ -150,6 +150,9 @@ def _fwd_output(
     first (without the q C accumulator beside it), gated and cast to the input dtype once, then q C as the
     accumulator of the (q k^T * P) v dot; q is loaded twice. Only the fp32 summation order of num differs."""
     c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # torch.compile (inductor) passes Python floats to Triton kernels as fp64, which would promote this kernel's
+    # arithmetic to fp64 (and fail tl.dot's fp32 accumulator check); plain launches pass fp32
+    eps = tl.cast(eps, tl.float32)
     ov = vb * BV + tl.arange(0, BV)
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
@@ -220,6 +223,7 @@ def _bwd_dden(
     """h = num / z with z = max(|den|, exp(-m)) + eps, so dden = -(dh.h) / z * sign(den) on the |den| branch
     of the max and 0 on the exp(-m) branch (m is constant)."""
     blk, bh = tl.program_id(0), tl.program_id(1)
+    eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     offs = blk * BS + tl.arange(0, BS)
     valid = offs < S
     dh_h = tl.zeros((BS,), dtype=tl.float32)
@@ -269,6 +273,7 @@ def _bwd_states(
     so the pipeliner issues it ahead through cp.async like the other per-position loads; by default it is a
     synchronous global load on the vb == 0 programs' chain. The same values either way."""
     bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
     if HAS_DFINAL:
@@ -352,6 +357,7 @@ def _bwd_grads(
     fewer live registers: dS cast to the input dtype once, dq finished (and stored) before dk starts, and each
     inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs."""
     c, bh = tl.program_id(0), tl.program_id(1)
+    eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
@@ -524,10 +530,12 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
 def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
                    state_block: int | None = None) -> dict:
     """Chunk length L, block sizes and every kernel's launch settings. Default L (measured on an H100 and an
-    H200, docs/benchmarks.md): 128 from S = 4096 on with head dims <= 128 (half the sequential steps of the
-    state kernels, which dominate the GPU time; at S = 4096 graphed 0.64 vs 0.87 ms at head dim 128 and 0.67 vs
-    0.79 ms at 64, H200), 64 otherwise (the intra-chunk kernels' L x L tiles cost registers, and short sequences
-    have few steps).
+    H200, docs/benchmarks.md): 128 from S = 8192 on with head dims <= 128 (half the sequential steps of the
+    state kernels, which dominate the GPU time), 64 otherwise (the intra-chunk kernels' L x L tiles cost
+    registers, and short sequences have few steps). At S = 4096 L = 128 takes less GPU time (graphed, H200:
+    0.63 vs 0.88 ms at head dim 128, 0.66 vs 0.79 ms at 64), but its eager forward+backward measured slower in
+    four of six runs on H100 and H200 hosts (up to 2.0 vs 1.1 ms), for reasons not yet found; the eager figure
+    is what issue 3 measures, so 4096 stays at 64.
 
     The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
     (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
@@ -551,7 +559,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
-    L = chunk_size or (128 if S >= 4096 and max(DQK, DV) <= 128 else 64)
+    L = chunk_size or (128 if S >= 8192 and max(DQK, DV) <= 128 else 64)
     if L < 16 or L & (L - 1):
         raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
     tile = state_block or 64

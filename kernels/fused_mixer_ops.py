@@ -194,6 +194,9 @@ def _gates_fwd(
     HAS_O: tl.constexpr, CAP: tl.constexpr, BS: tl.constexpr, BH: tl.constexpr,
 ):
     blk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # torch.compile (inductor) passes Python floats to Triton kernels as fp64, which would promote this kernel's
+    # arithmetic to fp64 (and fail tl.dot's fp32 accumulator check); plain launches pass fp32
+    cap = tl.cast(cap, tl.float32)
     s = blk * BS + tl.arange(0, BS)[:, None]
     hh = tl.arange(0, BH)[None, :]
     keep = (s < S) & (hh < NH)
@@ -221,6 +224,7 @@ def _gates_bwd(
     HAS_O: tl.constexpr, CAP: tl.constexpr, BS: tl.constexpr, BH: tl.constexpr,
 ):
     blk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    cap = tl.cast(cap, tl.float32)  # as in _gates_fwd
     G: tl.constexpr = 3 if HAS_O else 2
     s = blk * BS + tl.arange(0, BS)[:, None]
     hh = tl.arange(0, BH)[None, :]

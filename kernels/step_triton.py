@@ -25,6 +25,9 @@ def _step_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
 ):
     bh, vb = tl.program_id(0), tl.program_id(1)
+    # torch.compile (inductor) passes Python floats to Triton kernels as fp64, which would promote this kernel's
+    # arithmetic to fp64 (and fail tl.dot's fp32 accumulator check); plain launches pass fp32
+    eps = tl.cast(eps, tl.float32)
     ok = tl.arange(0, DQK)
     ov = vb * BV + tl.arange(0, BV)
     C = tl.load(c_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])

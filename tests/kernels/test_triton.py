@@ -274,8 +274,8 @@ GPU_CASES = [
     ((1, 3, 777, 64, 64), None, True, 9),
     ((1, 2, 600, 256, 256), None, True, 3),
     ((1, 2, 600, 128, 128), 128, True, 3),
-    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 4096: the default L = 128 at head dim 64, ragged last chunk
-    ((1, 2, 4100, 128, 128), None, True, 4),  # the default L = 128 at head dim 128 (split backward), ragged
+    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 8192: the default L = 128 at head dim 64, ragged last chunk
+    ((1, 2, 4100, 128, 128), 128, True, 4),  # L = 128 at head dim 128 (the split backward), ragged
 ]
 
 
@@ -286,6 +286,23 @@ GPU_CASES = [
 def test_triton_matches_reference_bf16_gpu(shape, chunk, with_state, n_docs, variant):
     check_against_reference(shape, chunk, dtype=torch.bfloat16, tol=2e-2, with_state=with_state,
                             n_docs=n_docs, variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,chunk", [((1, 2, 1000, 128, 128), None), ((1, 2, 1000, 128, 128), 128),
+                                         ((2, 2, 1000, 64, 64), 128)], ids=["L64", "L128-split", "L128-d64"])
+def test_triton_under_torch_compile_gpu(shape, chunk):
+    """The training path as compile_blocks runs it: mlstm inside torch.compile, whose inductor launches our
+    kernels itself and passes eps as fp64 (the kernels cast it back; without that the split dq/dk block failed
+    to compile, H200, 2026-11-28). Output and gradients equal the eager call's to bf16 rounding."""
+    tensors, seg, _ = make_inputs(*shape, dtype=torch.bfloat16, device=DEVICE, n_docs=4)
+    eager = _fn("triton", chunk, return_final_state=False)
+    compiled = torch.compile(eager, dynamic=False)
+    want = loss_and_grads(eager, tensors, seg, None, outputs=("h",))
+    got = loss_and_grads(compiled, tensors, seg, None, outputs=("h",))
+    for x, y in zip([got[0], *got[2]], [want[0], *want[2]]):
+        assert _rel(x, y) < 1e-2, _rel(x, y)
 
 
 @pytest.mark.gpu
