@@ -521,7 +521,16 @@ def _launch_overrides(**overrides: bool | dict[str, int | None]) -> Iterator[Non
 def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
               state_block: int | None = None) -> dict:
     """_launch_config, memoized while no _launch_overrides block is active (it runs once per forward, and at
-    S = 4096 the host's time per call bounds the forward+backward). The returned dict is shared: read only."""
+    S = 4096 the host's time per call bounds the forward+backward). The returned dict is shared: read only.
+
+    Inside torch.compile (compile_blocks in training) the backward's dq/dk/dv kernel runs fused and both
+    restructured blocks are off. On an H200 (2026-11-28) mlstm under torch.compile matched eager with L = 64 at
+    head dim 128 and with L = 128 at head dim 64 (fused, pipelined state kernels), but not with the split,
+    restructured set that eager uses at L = 128, head dim 128 (cause not found yet: the kernels compile for
+    inductor's argument types, checked offline). The fused set combines only what matched."""
+    if torch.compiler.is_compiling():
+        cfg = _launch_config(S, DQK, DV, dtype, chunk_size, state_block)
+        return {**cfg, "split_bwd": False, "dqdk_restructured": False, "output_restructured": False}
     if _LAUNCH_OVERRIDES:
         return _launch_config(S, DQK, DV, dtype, chunk_size, state_block)
     return _default_config(S, DQK, DV, dtype, chunk_size, state_block)

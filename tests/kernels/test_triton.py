@@ -291,11 +291,12 @@ def test_triton_matches_reference_bf16_gpu(shape, chunk, with_state, n_docs, var
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape,chunk", [((1, 2, 1000, 128, 128), None), ((1, 2, 1000, 128, 128), 128),
-                                         ((2, 2, 1000, 64, 64), 128)], ids=["L64", "L128-split", "L128-d64"])
+                                         ((2, 2, 1000, 64, 64), 128)], ids=["L64", "L128-d128", "L128-d64"])
 def test_triton_under_torch_compile_gpu(shape, chunk):
     """The training path as compile_blocks runs it: mlstm inside torch.compile, whose inductor launches our
     kernels itself and passes eps as fp64 (the kernels cast it back; without that the split dq/dk block failed
-    to compile, H200, 2026-11-28). Output and gradients equal the eager call's to bf16 rounding."""
+    to compile, H200, 2026-11-28). Output and gradients equal the eager call's to bf16 rounding. At L = 128,
+    head dim 128 the compiled call runs the fused backward (_config), eager the split one."""
     tensors, seg, _ = make_inputs(*shape, dtype=torch.bfloat16, device=DEVICE, n_docs=4)
     eager = _fn("triton", chunk, return_final_state=False)
     compiled = torch.compile(eager, dynamic=False)
