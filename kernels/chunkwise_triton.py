@@ -737,7 +737,7 @@ def mlstm_triton(
         # dtypes go through their document index, whose steps are the same starts
         seg = segment_ids if segment_ids.dtype in (torch.int32, torch.int64) else \
             document_index(segment_ids, B, S, q.device).to(torch.int32)
-        seg = seg.contiguous()
+        seg = seg.to(q.device).contiguous()
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = (x.float().contiguous() for x in initial_state)
