@@ -18,7 +18,7 @@
 #   memory      SmolLM2 students (eager and compiled decode step), 1k-64k x batch 1/8/32: decode memory after
 #               the cache-leak fix, against the fifth session's same-process table (issue 9)  [11, H200 6th]
 #   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
-#   kernel-tests  the GPU-marked kernel tests alone (no teacher needed)
+#   kernel-tests  the GPU-marked kernel tests alone (no teacher needed)                          [4.5, H200 13th]
 #   llama8b     Llama-3.1-8B shape, teacher + student, the student's decode step as a CUDA graph and also
 #               compiled: the graphed step alone ran 11.6 ms, 2.4x its 16 GB weight-read roofline (H100 8th),
 #               4k/32k/64k x batch 1/8 (issue 9)                              [8 without student_compiled, H100 8th]
@@ -29,10 +29,12 @@
 #   ctx128k     SmolLM2 teacher + students at 131,072 tokens (issue 9: "128k where it fits")  [14, H200 6th]
 #   kernels     the mLSTM benchmark, per-kernel profile and host time per call (Triton's launch path apart, host
 #               time per torch op), ours (1 and 8 docs, each chunk size) and limit_chunk also replayed from CUDA
-#               graphs, the hybrid mixer also compiled as training runs it (issue 3)     [6, H100 8th; + compiles]
+#               graphs, the hybrid mixer also compiled as training runs it (issue 3)
+#               [6, H100 8th; 6 for four shapes on a cold H200, 13th, where a failed compile and capture then
+#               left the fifth shape out of memory]
 #   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128, 1 and 8 documents (eager;
 #               the twelfth session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels), the
-#               mixer graphed and compiled                                                 [~4, guess]
+#               mixer graphed and compiled                                                 [~3, H200 13th]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
