@@ -441,10 +441,10 @@ def _bwd_grads(
 
 
 @triton.jit
-def _segment_add(v_a, doc_a, v_b, doc_b):
-    """Combine of an inclusive scan that restarts wherever the document changes: with document indices monotone
-    along the scan, a run's sum reaches the next element only if both lie in one document (associative)."""
-    return v_b + tl.where(doc_a == doc_b, v_a, 0.0), doc_b
+def _restart_add(v_a, restart_a, v_b, restart_b):
+    """Combine of a segmented inclusive scan: an element flagged `restart` begins a new run, so the sum so far
+    reaches it only if neither it nor anything between carries the flag (the standard associative operator)."""
+    return tl.where(restart_b != 0, v_b, v_a + v_b), restart_a | restart_b
 
 
 @triton.jit
@@ -465,9 +465,9 @@ def _bwd_gates(
     One program per (batch, head) row walks it from the end in blocks of BS positions, each loaded last position
     first, so that the suffix sums are an inclusive scan (restarting at document changes) plus the running sum
     carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation. With
-    documents, the scan's document index counts, along the scan, the positions after which a document starts
-    (ids differ from the next position's): 0 is the document of the block after's first position, the only
-    one the carried sum belongs to."""
+    documents the scan is segmented: it restarts at each position after which a document starts (ids differ
+    from the next position's), and the carried sum, which belongs to the document of the block after's first
+    position, enters at the block's first element unless a document starts right after it."""
     bh = tl.program_id(0)
     i = tl.arange(0, BS)
     carry = 0.0  # suffix sum at the first position of the block after
@@ -483,9 +483,11 @@ def _bwd_gates(
             seg = tl.load(seg_ptr + offs, mask=valid, other=0)
             seg_after = tl.load(seg_ptr + offs + 1, mask=valid & (offs < S - 1), other=0)
             seg_before = tl.load(seg_ptr + offs - 1, mask=offs > 0, other=0)
-            ends = valid & (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
-            doc = tl.cumsum(ends.to(tl.int32), 0)
-            dlf = tl.associative_scan((db, doc), 0, _segment_add)[0] + tl.where(doc == 0, carry, 0.0)
+            # along the scan (decreasing positions) a run restarts after every document start; the carried sum
+            # enters at the first element unless a run restarts there
+            restart = valid & (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
+            db += tl.where((i == 0) & ~restart, carry, 0.0)
+            dlf = tl.associative_scan((db, restart.to(tl.int32)), 0, _restart_add)[0]
         else:
             dlf = tl.cumsum(db, 0) + carry
         carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
