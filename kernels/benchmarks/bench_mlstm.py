@@ -95,6 +95,32 @@ def fwd_bwd(fn, leaves, dh):
     return lambda: do_bench(run, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
 
 
+def steady_host_ms(fn, leaves, dh, calls=10):
+    """Host time (ms) to issue one forward+backward of fn in steady state: `calls` calls issued back to back
+    while a long sleep kernel keeps the GPU busy, so that no call waits for the GPU and the CPU stays warm; the
+    median of 5 such rounds. 10 calls of limit_chunk queue a few hundred kernels, well inside CUDA's launch
+    queue (~1000 entries; a full queue would block the host and count GPU time). Where it exceeds the GPU time
+    (the graphed columns), the eager median measures the host. (profile_ours' figure, one call after a 30 ms GPU
+    sleep, counts a cold CPU and read ~2x the eager time.)"""
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        fn().backward(dh)
+
+    for _ in range(3):
+        run()
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # ~0.2 s at H100/H200 clocks, longer than `calls` calls take to issue
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        rounds.append((time.perf_counter() - start) / calls * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(rounds)
+
+
 def graphed_fwd_bwd(fn, leaves, dh):
     """fwd_bwd of fn(*leaves) replayed from CUDA graphs (torch.cuda.make_graphed_callables captures the forward
     and the backward): no host work per call, i.e. the kernels' time as a caller that graphs or compiles its
@@ -220,12 +246,17 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     _, _, _, seg8 = make(B, NH, S, D, docs=8)
     docs8 = lambda: mlstm(q, k, v, ig, fg, segment_ids=seg8, backend="triton")  # noqa: E731
     row["ours_8docs"] = fwd_bwd(docs8, leaves, dh)()
-    row["ours_default"] = fwd_bwd(lambda: mlstm(q, k, v, ig, fg, backend="triton"), leaves, dh)()
+    ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
+    row["ours_default"] = fwd_bwd(ours, leaves, dh)()
+    row["ours_host"] = steady_host_ms(ours, leaves, dh)
     for name, kern in peers.items():
         if kern is None:
             continue
         try:
-            row[name] = fwd_bwd(lambda kern=kern: kern(q, k, v, ig, fg, chunk_size=64), leaves, dh)()
+            peer = lambda kern=kern: kern(q, k, v, ig, fg, chunk_size=64)  # noqa: E731
+            row[name] = fwd_bwd(peer, leaves, dh)()
+            if name == "mlstm_limit_chunk":
+                row["limit_chunk_host"] = steady_host_ms(peer, leaves, dh)
         except Exception as e:  # a peer that fails to compile on this triton is reported, not fatal
             print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if graphs:  # ours and limit_chunk without host overhead (S = 4096 is host-bound eagerly: docs/benchmarks.md)
@@ -364,7 +395,8 @@ def write_markdown(path, results, checks, device):
             "flex_swa512_4sinks", "hybrid_mixer"]
     if any("ours_graphed" in r for r in results):
         cols += ["ours_graphed", "ours_8docs_graphed", "limit_chunk_graphed"]
-    cols += [c for c in ("hybrid_mixer_graphed", "hybrid_mixer_compiled") if any(c in r for r in results)]
+    cols += [c for c in ("hybrid_mixer_graphed", "hybrid_mixer_compiled", "ours_host", "limit_chunk_host")
+             if any(c in r for r in results)]
     lines = [f"Card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| (B, NH, S, D) | " + " | ".join(cols) + " | limit_chunk / ours | SDPA / mixer |",
@@ -382,6 +414,9 @@ def write_markdown(path, results, checks, device):
         if any(col in r for r in results):
             lines += ["", f"SDPA / mixer {what}: " + ", ".join(
                 f"{r['shape']}: {r['sdpa_causal'] / r[col]:.2f}x" for r in results if col in r)]
+    if any("ours_host" in r for r in results):
+        lines += ["", "ours_host, limit_chunk_host: host time (ms) to issue one eager forward+backward in steady "
+                  "state (steady_host_ms); where it exceeds the graphed time, the eager column measures the host."]
     if any("ours_graphed" in r and "limit_chunk_graphed" in r for r in results):
         lines += ["", "Replayed from CUDA graphs (no host work per call), limit_chunk / ours: " + ", ".join(
             f"{r['shape']}: {r['limit_chunk_graphed'] / r['ours_graphed']:.2f}x"
