@@ -235,6 +235,21 @@ def test_triton_dqdk_restructured_needs_the_split():
         mlstm(*tensors, backend="triton", chunk_size=16)  # L = 16: split_bwd is off
 
 
+def test_config_inside_torch_compile_runs_the_fused_backward(monkeypatch):
+    """Inside torch.compile the backward runs fused and unrestructured (the set that matched eager compiled on a
+    GPU; _config's docstring); eager keeps the measured split, restructured set at L = 128, head dim 128."""
+    from xdistill_kernels import chunkwise_triton
+
+    eager = chunkwise_triton._config(16384, 128, 128, torch.bfloat16, None)
+    assert eager["split_bwd"] and eager["dqdk_restructured"] and eager["output_restructured"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = chunkwise_triton._config(16384, 128, 128, torch.bfloat16, None)
+    assert not (compiled["split_bwd"] or compiled["dqdk_restructured"] or compiled["output_restructured"])
+    assert {k: v for k, v in compiled.items() if k not in ("split_bwd", "dqdk_restructured", "output_restructured")} \
+        == {k: v for k, v in eager.items() if k not in ("split_bwd", "dqdk_restructured", "output_restructured")}
+    assert chunkwise_triton._default_config(16384, 128, 128, torch.bfloat16, None)["split_bwd"]  # memo untouched
+
+
 def test_triton_rejects_unknown_launch_override():
     tensors, _, _ = make_inputs(1, 1, 8, 16, 16, dtype=torch.float32, device=DEVICE)
     for bad in (dict(bwd_grads={"num_warp": 4}), dict(bwd_gradz={"num_warps": 4}), dict(split_bwd=1)):
