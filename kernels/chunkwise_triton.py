@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import FRESH_M as _FRESH_M
-from .reference import MLSTMState, document_index
+from .reference import MLSTMState, check_segment_ids, document_index
 
 FRESH_M = tl.constexpr(_FRESH_M)  # m of the fresh state, a compile-time constant inside the kernels
 
@@ -733,8 +733,7 @@ def mlstm_triton(
     k, v = k.to(q.dtype), v.to(q.dtype)
     seg = None
     if segment_ids is not None:
-        if segment_ids.shape != (B, S):
-            raise ValueError(f"segment_ids must have shape (B, S) = {(B, S)}, got {tuple(segment_ids.shape)}")
+        check_segment_ids(segment_ids, B, S)
         # the kernels find the document starts themselves (ids differing from the previous position's); other
         # dtypes go through their document index, whose steps are the same starts
         seg = segment_ids if segment_ids.dtype in (torch.int32, torch.int64) else \

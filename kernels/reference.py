@@ -42,14 +42,19 @@ def mlstm_fresh_state(batch: int, heads: int, dqk: int, dv: int, device=None) ->
     )
 
 
-def document_index(segment_ids: Tensor | None, batch: int, seqlen: int, device) -> Tensor:
-    """(B, S) int64: 0 for the first document of each row, +1 at every position whose id changes."""
-    if segment_ids is None:
-        return torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+def check_segment_ids(segment_ids: Tensor, batch: int, seqlen: int) -> None:
+    """Raise a ValueError naming the expected shape unless segment_ids is (B, S)."""
     if segment_ids.shape != (batch, seqlen):
         raise ValueError(
             f"segment_ids must have shape (B, S) = {(batch, seqlen)}, got {tuple(segment_ids.shape)}"
         )
+
+
+def document_index(segment_ids: Tensor | None, batch: int, seqlen: int, device) -> Tensor:
+    """(B, S) int64: 0 for the first document of each row, +1 at every position whose id changes."""
+    if segment_ids is None:
+        return torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+    check_segment_ids(segment_ids, batch, seqlen)
     change = (segment_ids[:, 1:] != segment_ids[:, :-1]).long()
     return torch.cat([torch.zeros_like(change[:, :1]), change.cumsum(1)], dim=1)
 

@@ -96,27 +96,22 @@ def fwd_bwd(fn, leaves, dh):
     return lambda: do_bench(run, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
 
 
-def steady_host_ms(fn, leaves, dh, calls=10):
-    """Host time (ms) to issue one forward+backward of fn in steady state: `calls` calls issued back to back
-    while a long sleep kernel keeps the GPU busy, so that no call waits for the GPU and the CPU stays warm; the
-    median of 5 such rounds. 10 calls of limit_chunk queue a few hundred kernels, well inside CUDA's launch
+def steady_host_ms(call, calls=10):
+    """Host time (ms) to issue one forward+backward `call` (a cleared_call) in steady state: `calls` calls issued
+    back to back while a long sleep kernel keeps the GPU busy, so that no call waits for the GPU and the CPU stays
+    warm; the median of 5 such rounds. 10 calls of limit_chunk queue a few hundred kernels, well inside CUDA's launch
     queue (~1000 entries; a full queue would block the host and count GPU time). Where it exceeds the GPU time
     (the graphed columns), the eager median measures the host. (profile_ours' figure, one call after a 30 ms GPU
     sleep, counts a cold CPU and read ~2x the eager time.)"""
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        fn().backward(dh)
-
     for _ in range(3):
-        run()
+        call()
     rounds = []
     for _ in range(5):
         torch.cuda.synchronize()
         torch.cuda._sleep(400_000_000)  # ~0.2 s at H100/H200 clocks, longer than `calls` calls take to issue
         start = time.perf_counter()
         for _ in range(calls):
-            run()
+            call()
         rounds.append((time.perf_counter() - start) / calls * 1e3)
         torch.cuda.synchronize()
     return statistics.median(rounds)
@@ -249,7 +244,7 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     row["ours_8docs"] = fwd_bwd(docs8, leaves, dh)()
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
     row["ours_default"] = fwd_bwd(ours, leaves, dh)()
-    row["ours_host"] = steady_host_ms(ours, leaves, dh)
+    row["ours_host"] = steady_host_ms(cleared_call(ours, leaves, dh))
     for name, kern in peers.items():
         if kern is None:
             continue
@@ -257,7 +252,7 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
             peer = lambda kern=kern: kern(q, k, v, ig, fg, chunk_size=64)  # noqa: E731
             row[name] = fwd_bwd(peer, leaves, dh)()
             if name == "mlstm_limit_chunk":
-                row["limit_chunk_host"] = steady_host_ms(peer, leaves, dh)
+                row["limit_chunk_host"] = steady_host_ms(cleared_call(peer, leaves, dh))
         except Exception as e:  # a peer that fails to compile on this triton is reported, not fatal
             print(f"{name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if graphs:  # ours and limit_chunk without host overhead (S = 4096 is host-bound eagerly: docs/benchmarks.md)
@@ -299,16 +294,21 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     results.append(row)
 
 
-def ours_call(leaves, dh, **kwargs):
-    """One eager forward+backward of ours on leaves (q, k, v, igate, fgate), as a closure. It clears the leaves'
-    gradients first: else each call's gradients are added to the last ones', 3 extra q-sized elementwise kernels
-    that the timed runs (grad_to_none) don't have."""
+def cleared_call(fn, leaves, dh):
+    """One eager forward+backward of fn() as a closure that clears the leaves' gradients first: else each call's
+    gradients are added to the last ones', 3 extra q-sized elementwise kernels that the timed runs (grad_to_none)
+    don't have."""
     def call():
         for leaf in leaves:
             leaf.grad = None
-        mlstm(*leaves, backend="triton", **kwargs).backward(dh)
+        fn().backward(dh)
 
     return call
+
+
+def ours_call(leaves, dh, **kwargs):
+    """cleared_call of ours on leaves (q, k, v, igate, fgate)."""
+    return cleared_call(lambda: mlstm(*leaves, backend="triton", **kwargs), leaves, dh)
 
 
 def profile_ours(B, NH, S, D, docs=0):
