@@ -41,12 +41,18 @@ FRESH_M = tl.constexpr(_FRESH_M)  # m of the fresh state, a compile-time constan
 @triton.jit
 def _chunk_gates(ig_ptr, fg_ptr, seg_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.constexpr):
     """Per-position scalars of chunk c (pointers already at this row): cumulative log forget b (L,), igate
-    (L,), document index within the chunk (L,; -1 past S), validity, and the documents of the incoming state
-    and of the last position. A document starts where the segment id differs from the previous position's
-    (the chunk's first position compares with the last of the chunk before; position 0 continues the initial
-    state), so the index counts the starts up to each position: 0 is the incoming state's document. It is
-    computed here from two vector loads of the ids, not read from a precomputed index: no host ops per call,
-    and no scalar loads on the state kernels' chain, which the pipeliner cannot issue ahead."""
+    (L,), validity, the last position's b, and the chunk's documents: `starts` (L,) where a document starts,
+    `in_first` (L,) valid and still in the incoming state's document, `in_last` (L,) valid and in the chunk's
+    last document, and `has_start` = `has_start_last` (scalar: some document starts in the chunk, so the
+    incoming state does not reach its end). A document starts where the segment id differs from the previous
+    position's (the chunk's first position compares with the last of the chunk before; position 0 continues
+    the initial state).
+
+    The ids are read here with two vector loads, not from a precomputed index: no host ops per call, and no
+    scalar loads on the state kernels' chain, which the pipeliner cannot issue ahead. The first and last start
+    are one reduction each, where a document index would be a scan (cumsum) across the warps: the state
+    kernels run one step per chunk on a sequential chain, and most chunks hold no start at all; only the
+    intra-chunk L x L mask needs the index, and only in chunks with a start (_intra_logits)."""
     offs = c * L + tl.arange(0, L)
     valid = offs < S
     fg = tl.load(fg_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -57,20 +63,34 @@ def _chunk_gates(ig_ptr, fg_ptr, seg_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.con
         seg = tl.load(seg_ptr + offs, mask=valid, other=0)
         seg_before = tl.load(seg_ptr + offs - 1, mask=valid & (offs > 0), other=0)
         starts = valid & (offs > 0) & (seg != seg_before)
-        doc = tl.where(valid, tl.cumsum(starts.to(tl.int32), 0), -1)
-        doc_last = tl.max(doc, 0)  # indices grow along the chunk
+        first = tl.min(tl.where(starts, offs, c * L + L), 0)  # c * L + L: no start
+        last = tl.max(tl.where(starts, offs, c * L - 1), 0)  # c * L - 1: no start
+        in_first = valid & (offs < first)
+        in_last = valid & (offs >= last)
+        # the same fact from either reduction: a kernel that uses only one of in_first / in_last takes the flag
+        # of the same reduction, and the compiler drops the other
+        has_start = first < c * L + L
+        has_start_last = last >= c * L
     else:
-        doc = tl.where(valid, 0, -1)
-        doc_last = 0
-    return offs, valid, b, ig, doc, 0, doc_last, tl.sum(lf, 0)
+        starts = offs < 0  # none
+        in_first = valid
+        in_last = valid
+        has_start = False
+        has_start_last = False
+    return offs, valid, b, ig, tl.sum(lf, 0), starts, in_first, in_last, has_start, has_start_last
 
 
 @triton.jit
-def _intra_logits(b, ig, doc, valid, L: tl.constexpr):
-    """(L, L) log weights b_i - b_j + ig_j of key j for query i; -inf unless j <= i in the same document."""
+def _intra_logits(b, ig, valid, starts, has_start, L: tl.constexpr, HAS_DOC: tl.constexpr):
+    """(L, L) log weights b_i - b_j + ig_j of key j for query i; -inf unless j <= i in the same document. The
+    document index (a cumsum of the starts) and its L x L compare run only in chunks where a document starts."""
     i = tl.arange(0, L)[:, None]
     j = tl.arange(0, L)[None, :]
-    mask = (j <= i) & (doc[:, None] == doc[None, :]) & valid[None, :] & valid[:, None]
+    mask = (j <= i) & valid[None, :] & valid[:, None]
+    if HAS_DOC:
+        if has_start:
+            doc = tl.cumsum(starts.to(tl.int32), 0)
+            mask = mask & (doc[:, None] == doc[None, :])
     return tl.where(mask, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
 
 
@@ -112,10 +132,10 @@ def _fwd_states(
                  C.to(cs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
-        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+        offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
             ig_ptr, fg_ptr, seg_ptr, c, S, L, HAS_DOC)
-        a_last = tl.where(doc_last == doc_prev, b_last + m, float("-inf"))
-        logw = tl.where(valid & (doc == doc_last), b_last - b + ig, float("-inf"))
+        a_last = tl.where(has_start_last, float("-inf"), b_last + m)  # with in_last: one reduction
+        logw = tl.where(in_last, b_last - b + ig, float("-inf"))
         m_new = tl.maximum(a_last, tl.max(logw, 0))
         g = tl.exp(a_last - m_new)
         w = tl.exp(logw - m_new)
@@ -154,11 +174,11 @@ def _fwd_output(
     # arithmetic to fp64 (and fail tl.dot's fp32 accumulator check); plain launches pass fp32
     eps = tl.cast(eps, tl.float32)
     ov = vb * BV + tl.arange(0, BV)
-    offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+    offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
-    log_inter = tl.where(valid & (doc == doc_prev), b + m_c, float("-inf"))
-    logD = _intra_logits(b, ig, doc, valid, L)
+    log_inter = tl.where(in_first, b + m_c, float("-inf"))
+    logD = _intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC)
     m_i = tl.where(valid, tl.maximum(log_inter, tl.max(logD, 1)), 0.0)
     P = tl.exp(logD - m_i[:, None])
     s_inter = tl.exp(log_inter - m_i)
@@ -241,7 +261,7 @@ def _bwd_dden(
 
 
 @triton.jit
-def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, doc, doc_prev, eps):
+def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, in_first, eps):
     """What both backward kernels read for chunk c: the max states m_c and m_{c+1} around it, each query's
     stabiliser m_i, 1 / its normaliser (rz, as in the forward) and the decay of the carried state into each
     query (s_inter: zero past a document boundary)."""
@@ -250,7 +270,7 @@ def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, do
     m_i = tl.load(mi_ptr + bh * S + offs, mask=valid, other=0.0)
     den = tl.load(den_ptr + bh * S + offs, mask=valid, other=1.0)
     rz = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps)
-    s_inter = tl.where(valid & (doc == doc_prev), tl.exp(b + m_c - m_i), 0.0)
+    s_inter = tl.where(in_first, tl.exp(b + m_c - m_i), 0.0)
     return m_c, m_next, m_i, rz, s_inter
 
 
@@ -288,11 +308,11 @@ def _bwd_states(
                  dC.to(dcs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
-        offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+        offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
             ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
         m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
-                                                           b, doc, doc_prev, eps)
-        g = tl.where(doc_last == doc_prev, tl.exp(b_last + m_c - m_next), 0.0)
+                                                           b, in_first, eps)
+        g = tl.where(has_start, 0.0, tl.exp(b_last + m_c - m_next))
         q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
         dh = tl.load(dh_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
         if DDEN_PREFETCH:  # valid & (vb == 0): programs with vb > 0 load nothing
@@ -358,13 +378,13 @@ def _bwd_grads(
     inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs."""
     c, bh = tl.program_id(0), tl.program_id(1)
     eps = tl.cast(eps, tl.float32)  # as in _fwd_output
-    offs, valid, b, ig, doc, doc_prev, doc_last, b_last = _chunk_gates(
+    offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
-                                                       b, doc, doc_prev, eps)
+                                                       b, in_first, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
-    w = tl.where(valid & (doc == doc_last), tl.exp(b_last - b + ig - m_next), 0.0)
-    P = tl.exp(_intra_logits(b, ig, doc, valid, L) - m_i[:, None])
+    w = tl.where(in_last, tl.exp(b_last - b + ig - m_next), 0.0)
+    P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
     rows = (bh * S + offs)[:, None]
     qkv_mask = valid[:, None]
 
@@ -467,7 +487,9 @@ def _bwd_gates(
     carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation. With
     documents the scan is segmented: it restarts at each position after which a document starts (ids differ
     from the next position's), and the carried sum, which belongs to the document of the block after's first
-    position, enters at the block's first element unless a document starts right after it."""
+    position, enters at the block's first element unless a document starts right after it. Blocks without a
+    start run the plain scan: the segmented one (a scan of (value, flag) pairs) took 3x the one-document time
+    (H200, thirteenth session)."""
     bh = tl.program_id(0)
     i = tl.arange(0, BS)
     carry = 0.0  # suffix sum at the first position of the block after
@@ -486,8 +508,11 @@ def _bwd_gates(
             # along the scan (decreasing positions) a run restarts after every document start; the carried sum
             # enters at the first element unless a run restarts there
             restart = valid & (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
-            db += tl.where((i == 0) & ~restart, carry, 0.0)
-            dlf = tl.associative_scan((db, restart.to(tl.int32)), 0, _restart_add)[0]
+            if tl.max(restart.to(tl.int32), 0) > 0:  # most blocks hold no start: the plain scan below
+                db += tl.where((i == 0) & ~restart, carry, 0.0)
+                dlf = tl.associative_scan((db, restart.to(tl.int32)), 0, _restart_add)[0]
+            else:
+                dlf = tl.cumsum(db, 0) + carry
         else:
             dlf = tl.cumsum(db, 0) + carry
         carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
@@ -523,16 +548,7 @@ def _launch_overrides(**overrides: bool | dict[str, int | None]) -> Iterator[Non
 def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
               state_block: int | None = None) -> dict:
     """_launch_config, memoized while no _launch_overrides block is active (it runs once per forward, and at
-    S = 4096 the host's time per call bounds the forward+backward). The returned dict is shared: read only.
-
-    Inside torch.compile (compile_blocks in training) the backward's dq/dk/dv kernel runs fused and both
-    restructured blocks are off. On an H200 (2026-11-28) mlstm under torch.compile matched eager with L = 64 at
-    head dim 128 and with L = 128 at head dim 64 (fused, pipelined state kernels), but not with the split,
-    restructured set that eager uses at L = 128, head dim 128 (cause not found yet: the kernels compile for
-    inductor's argument types, checked offline). The fused set combines only what matched."""
-    if torch.compiler.is_compiling():
-        cfg = _launch_config(S, DQK, DV, dtype, chunk_size, state_block)
-        return {**cfg, "split_bwd": False, "dqdk_restructured": False, "output_restructured": False}
+    S = 4096 the host's time per call bounds the forward+backward). The returned dict is shared: read only."""
     if _LAUNCH_OVERRIDES:
         return _launch_config(S, DQK, DV, dtype, chunk_size, state_block)
     return _default_config(S, DQK, DV, dtype, chunk_size, state_block)
@@ -707,6 +723,16 @@ class _MLSTMChunkwise(torch.autograd.Function):
         return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None, None
 
 
+# Inside torch.compile (compile_blocks in training) the split backward's set (L = 128, head dim 128: split_bwd with
+# both restructured blocks) runs eagerly behind a graph break. Compiled, it failed on GPUs: on an H200 a mismatch
+# (2026-11-28, only the summary came back), and with its backward fused instead, inductor's scheduler raised
+# KeyError in compute_ancestors (torch 2.11, H100, 2026-11-28; packed documents). That fused set also ran
+# slower in the compiled mixer than the eager mixer with the split (H100: 6.88 vs 6.18 ms at (1, 32, 16384, 128),
+# 26.79 vs 24.12 ms at 65536), and at S >= 8192 the host's time per call is well below the GPU's, so eager
+# kernels lose nothing there. Every other set compiles and matched eager (tests/kernels, GPU).
+_apply_eager = torch.compiler.disable(_MLSTMChunkwise.apply)
+
+
 def mlstm_triton(
     q: Tensor,  # (B, NH, S, DQK)
     k: Tensor,  # (B, NH, S, DQK)
@@ -743,6 +769,10 @@ def mlstm_triton(
     if initial_state is not None:
         C0, n0, m0 = (x.float().contiguous() for x in initial_state)
         m0 = m0.detach()
-    out = _MLSTMChunkwise.apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
+    apply = _MLSTMChunkwise.apply
+    if torch.compiler.is_compiling() and _config(S, q.shape[-1], v.shape[-1], q.dtype, chunk_size,
+                                                 state_block)["split_bwd"]:
+        apply = _apply_eager
+    out = apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
                                 fgate.contiguous(), C0, n0, m0, seg, eps, chunk_size, state_block, return_final_state)
     return (out[0], out[1:]) if return_final_state else (out, None)

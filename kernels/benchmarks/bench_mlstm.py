@@ -19,6 +19,7 @@ the backward gets a fixed random upstream gradient.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -121,12 +122,65 @@ def graphed_fwd_bwd(fn, leaves, dh):
     """fwd_bwd of fn(*leaves) replayed from CUDA graphs (torch.cuda.make_graphed_callables captures the forward
     and the backward): no host work per call, i.e. the kernels' time as a caller that graphs or compiles its
     step sees it. None (and the reason printed) where capture fails."""
+    timer = graphed_timer(fn, leaves, dh)
+    return timer() if timer else None
+
+
+def graphed_timer(fn, leaves, dh):
+    """graphed_fwd_bwd's timer, captured once and timed on each call; None where capture fails."""
     try:
         graphed = torch.cuda.make_graphed_callables(fn, tuple(leaves), num_warmup_iters=3)
-        return fwd_bwd(lambda: graphed(*leaves), leaves, dh)()
+        return fwd_bwd(lambda: graphed(*leaves), leaves, dh)
     except Exception as e:  # reported, not fatal: the eager columns stand without it
         print(f"CUDA-graph capture failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
+
+
+def load_baseline(spec):
+    """--baseline NAME=DIR: (NAME, the mlstm of the copy of kernels/ in DIR), imported as its own package, so its
+    Triton kernels compile and cache apart from ours."""
+    name, _, path = spec.partition("=")
+    if not name or not os.path.isfile(os.path.join(path, "__init__.py")):
+        raise SystemExit(f"--baseline {spec!r}: expected NAME=DIR with DIR a copy of kernels/ (an __init__.py)")
+    module = f"xdistill_kernels_{name}"
+    found = importlib.util.spec_from_file_location(module, os.path.join(path, "__init__.py"),
+                                                   submodule_search_locations=[path])
+    package = importlib.util.module_from_spec(found)
+    sys.modules[module] = package
+    found.loader.exec_module(package)
+    return name, package.mlstm
+
+
+def compare_baselines(row, baselines, leaves, dh, seg8, graphs, rounds=3):
+    """A/B of a kernel change on one card: ours and each --baseline's mlstm at the default chunk size, one
+    document and 8, eager and (graphs) from CUDA graphs, timed in alternation for `rounds` rounds so that a drift
+    of the card's clocks meets every column alike. row["ab"][name][case] is the median of its rounds (ms), case
+    one of "1 doc", "8 docs" and those + " graphed". Each baseline's h and gradients must equal ours (relative L2
+    < 1e-2) before it is timed."""
+    impls = {"ours": mlstm, **dict(baselines)}
+    timers = {}
+    for name, fn in impls.items():
+        for case, seg in (("1 doc", None), ("8 docs", seg8)):
+            call = lambda *x, fn=fn, seg=seg: fn(*x, segment_ids=seg, backend="triton")  # noqa: E731
+            if name != "ours":
+                h, h_ours = call(*leaves), mlstm(*leaves, segment_ids=seg, backend="triton")
+                grads, grads_ours = torch.autograd.grad(h, leaves, dh), torch.autograd.grad(h_ours, leaves, dh)
+                err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                          for a, b in zip((h, *grads), (h_ours, *grads_ours)))
+                assert err < 1e-2, f"baseline {name}, {case}: relative difference {err:.1e} from ours"
+            timers[name, case] = fwd_bwd(lambda call=call: call(*leaves), leaves, dh)
+            if graphs:
+                timer = graphed_timer(call, leaves, dh)
+                if timer:
+                    timers[name, case + " graphed"] = timer
+    times = {}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            times.setdefault(key, []).append(timer())
+    row["ab"] = {}
+    for (name, case), t in times.items():
+        row["ab"].setdefault(name, {})[case] = statistics.median(t)
+    print(f"{row['shape']} A/B: {json.dumps(row['ab'])}", flush=True)
 
 
 def flops_bytes(B, NH, S, D, L):
@@ -215,7 +269,7 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names):
 
 
 def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False,
-                compiled_mixer=False):
+                compiled_mixer=False, baselines=()):
     (q, k, v, ig, fg), og, dh, _ = make(B, NH, S, D)
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
@@ -245,6 +299,8 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
     row["ours_default"] = fwd_bwd(ours, leaves, dh)()
     row["ours_host"] = steady_host_ms(cleared_call(ours, leaves, dh))
+    if baselines:
+        compare_baselines(row, baselines, leaves, dh, seg8, graphs)
     for name, kern in peers.items():
         if kern is None:
             continue
@@ -451,6 +507,18 @@ def write_markdown(path, results, checks, device):
             speedup = sw["ms"]["default"] / sw["ms"][sw["best"]]
             lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {sw['best']} ({speedup:.2f}x) | "
                          f"`{json.dumps(sw['best_overrides'])}` | {max(sw['max_rel_diff'].values(), default=0):.1e} |")
+    ab = [r for r in results if "ab" in r]
+    if ab:
+        cases = list(dict.fromkeys(c for r in ab for c in r["ab"]["ours"]))
+        lines += ["", "A/B against --baseline copies of kernels/ (ms, each the median of 3 rounds timed in "
+                  "alternation; in brackets baseline / ours, > 1: ours faster):", "",
+                  "| (B, NH, S, D) | kernels | " + " | ".join(cases) + " |", "|---" * (len(cases) + 2) + "|"]
+        for r in ab:
+            ours = r["ab"]["ours"]
+            for name, t in r["ab"].items():
+                cells = [(f"{t[c]:.3f}" + ("" if name == "ours" else f" ({t[c] / ours[c]:.3f})")) if c in t else "-"
+                         for c in cases]
+                lines.append(f"| {r['shape']} | {name} | " + " | ".join(cells) + " |")
     for r in results:
         if "step" in r:
             lines.append(f"- step kernel {r['step']} (B, NH, D): {r['ms'] * 1e3:.1f} us, "
@@ -478,7 +546,12 @@ def main():
                     help="also time the hybrid mixer under torch.compile, as compile_blocks runs it in training")
     ap.add_argument("--trace", action="store_true",
                     help="save a Chrome trace of ours at each chunk size of --chunks and each shape to --out")
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR",
+                    help="also time the mlstm of another copy of kernels/ beside ours, alternating, 1 and 8 documents "
+                         "(and graphed with --graphs): an A/B of a change on one card. DIR from e.g. "
+                         "`git archive COMMIT kernels | tar -x -C /tmp/COMMIT` is /tmp/COMMIT/kernels; repeatable")
     args = ap.parse_args()
+    baselines = [load_baseline(spec) for spec in args.baseline]
     launch_names = list(LAUNCH_GRID) if args.launch_sweep == "all" else [n for n in args.launch_sweep.split(",") if n]
     unknown = set(launch_names) - set(LAUNCH_GRID)
     if unknown:
@@ -498,7 +571,7 @@ def main():
             trace_ours(*shape, chunks, args.out)
         try:
             bench_shape(*shape, chunks, peers, results, [int(t) for t in args.state_blocks.split(",") if t],
-                        launch_names, args.graphs, args.compiled_mixer)
+                        launch_names, args.graphs, args.compiled_mixer, baselines)
         except Exception:  # reported, and the next shapes still run: the thirteenth session lost its last shape
             # to an out-of-memory error left behind by a failed compile and graph capture in the shape before
             print(f"{shape} failed:\n{traceback.format_exc()}", flush=True)

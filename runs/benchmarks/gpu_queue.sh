@@ -35,6 +35,10 @@
 #   kernels-trace  the two S = 4096 shapes with Chrome traces of ours at L = 64 and 128, 1 and 8 documents (eager;
 #               the twelfth session's open question: L = 128 took 1.49 ms eager for 0.68 ms of kernels), the
 #               mixer graphed and compiled                                                 [~3, H200 13th]
+#   kernels-ab  an A/B of a kernel change: ours beside other copies of kernels/ in one process, alternating, 1 and 8
+#               documents, eager and graphed, peers beside; AB_BASELINES="NAME=DIR ..." (DIR a copy of kernels/, e.g.
+#               from `git archive COMMIT kernels`, carried in .stage2), AB_SHAPES indices (default 1,2,4: 16k, 64k,
+#               (2, 9, 16384, 64))                                                               [guess: 5]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
@@ -88,6 +92,8 @@ job() {
                --graphs --compiled-mixer ;;
     kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
                --shapes 0,3 --graphs --profile --trace --compiled-mixer ;;
+    kernels-ab) mkdir -p $ROOT/kernels-ab && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab \
+               --shapes ${AB_SHAPES:-1,2,4} --chunks "" --graphs $(printf -- '--baseline %s ' ${AB_BASELINES:?}) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
@@ -148,7 +154,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* kernels-trace/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;

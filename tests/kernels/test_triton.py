@@ -63,10 +63,13 @@ def _launch(variant):
 
 
 def check_against_reference(shape, chunk, *, dtype, tol, with_state, n_docs, gate_scale=1.0, seed=0,
-                            state_block=None, variant="default"):
+                            state_block=None, variant="default", segment_ids=None):
+    """segment_ids (B, S), if given, replace make_inputs' random documents."""
     B, NH, S, DQK, DV = shape
     tensors, seg, state = make_inputs(B, NH, S, DQK, DV, dtype=dtype, device=DEVICE, with_state=with_state,
                                       n_docs=n_docs, gate_scale=gate_scale, seed=seed)
+    if segment_ids is not None:
+        seg = segment_ids.to(DEVICE)
     if gate_scale > 1:
         with torch.no_grad():
             tensors[3].clamp_(-30, 30)
@@ -119,6 +122,19 @@ def test_triton_extreme_gates_fp32(variant):
     """Gate pre-activations in -30..30: finite and still equal to the reference."""
     check_against_reference((1, 2, 40, 16, 16), 16, dtype=torch.float32, tol=5e-5, with_state=True,
                             n_docs=4, gate_scale=10.0, variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["default", "gate_blocks"])
+def test_triton_documents_at_chunk_edges_fp32(variant):
+    """Document starts where per-chunk bounds are easy to get wrong (chunks of 16): at a chunk's first position
+    (16, 48), at its last (31), two in one chunk (40, 44), none in chunks 4-5, and one-token documents at the
+    row's end (93, 94); row 1 is one document. Chunks without a start skip the document masks, and blocks of
+    the gate scan without one skip its segmented scan, so both paths and their edges meet the reference."""
+    S = 95
+    starts = torch.zeros(2, S, dtype=torch.long)
+    starts[0, [16, 31, 40, 44, 48, 93, 94]] = 1
+    check_against_reference((2, 2, S, 16, 16), 16, dtype=torch.float32, tol=5e-5, with_state=True, n_docs=0,
+                            variant=variant, segment_ids=starts.cumsum(1))
 
 
 def test_triton_fp32_gates_change_nothing():
@@ -235,19 +251,28 @@ def test_triton_dqdk_restructured_needs_the_split():
         mlstm(*tensors, backend="triton", chunk_size=16)  # L = 16: split_bwd is off
 
 
-def test_config_inside_torch_compile_runs_the_fused_backward(monkeypatch):
-    """Inside torch.compile the backward runs fused and unrestructured (the set that matched eager compiled on a
-    GPU; _config's docstring); eager keeps the measured split, restructured set at L = 128, head dim 128."""
+def test_split_set_runs_eagerly_inside_torch_compile(monkeypatch):
+    """Inside torch.compile the split backward's set (L = 128, head dim 128) goes through the compiler-disabled
+    apply (a graph break: compiled it failed in inductor on GPUs, chunkwise_triton._apply_eager), every other set
+    through the plain one; outside compile always the plain one. Here compile is simulated (is_compiling patched)
+    and the disabled apply spied on; the GPU test below compiles for real."""
     from xdistill_kernels import chunkwise_triton
 
-    eager = chunkwise_triton._config(16384, 128, 128, torch.bfloat16, None)
-    assert eager["split_bwd"] and eager["dqdk_restructured"] and eager["output_restructured"]
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return chunkwise_triton._MLSTMChunkwise.apply(*args)
+
+    monkeypatch.setattr(chunkwise_triton, "_apply_eager", spy)
+    tensors, _, _ = make_inputs(1, 1, 20, 128, 128, dtype=torch.float32, device=DEVICE)
+    want = mlstm(*tensors, backend="triton", chunk_size=128, return_final_state=False)
+    assert not calls  # eager: the plain apply
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    compiled = chunkwise_triton._config(16384, 128, 128, torch.bfloat16, None)
-    assert not (compiled["split_bwd"] or compiled["dqdk_restructured"] or compiled["output_restructured"])
-    assert {k: v for k, v in compiled.items() if k not in ("split_bwd", "dqdk_restructured", "output_restructured")} \
-        == {k: v for k, v in eager.items() if k not in ("split_bwd", "dqdk_restructured", "output_restructured")}
-    assert chunkwise_triton._default_config(16384, 128, 128, torch.bfloat16, None)["split_bwd"]  # memo untouched
+    mlstm(*tensors, backend="triton", chunk_size=64, return_final_state=False)
+    assert not calls  # L = 64: no split, the plain apply (compiled for real)
+    got = mlstm(*tensors, backend="triton", chunk_size=128, return_final_state=False)
+    assert len(calls) == 1 and torch.equal(got, want)
 
 
 def test_triton_rejects_unknown_launch_override():
@@ -311,7 +336,7 @@ def test_triton_under_torch_compile_gpu(shape, chunk):
     """The training path as compile_blocks runs it: mlstm inside torch.compile, whose inductor launches our
     kernels itself and passes eps as fp64 (the kernels cast it back; without that the split dq/dk block failed
     to compile, H200, 2026-11-28). Output and gradients equal the eager call's to bf16 rounding. At L = 128,
-    head dim 128 the compiled call runs the fused backward (_config), eager the split one."""
+    head dim 128 the call runs eagerly behind a graph break (chunkwise_triton._apply_eager)."""
     tensors, seg, _ = make_inputs(*shape, dtype=torch.bfloat16, device=DEVICE, n_docs=4)
     eager = _fn("triton", chunk, return_final_state=False)
     compiled = torch.compile(eager, dynamic=False)
