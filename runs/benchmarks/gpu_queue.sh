@@ -38,7 +38,7 @@
 #   kernels-ab  an A/B of a kernel change: ours beside other copies of kernels/ in one process, alternating, 1 and 8
 #               documents, eager and graphed, peers beside; AB_BASELINES="NAME=DIR ..." (DIR a copy of kernels/, e.g.
 #               from `git archive COMMIT kernels`, carried in .stage2), AB_SHAPES indices (default 1,2,4: 16k, 64k,
-#               (2, 9, 16384, 64))                                                               [guess: 5]
+#               (2, 9, 16384, 64)); per-kernel profiles of ours, 1 and 8 documents             [guess: 6]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
@@ -93,7 +93,7 @@ job() {
     kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
                --shapes 0,3 --graphs --profile --trace --compiled-mixer ;;
     kernels-ab) mkdir -p $ROOT/kernels-ab && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab \
-               --shapes ${AB_SHAPES:-1,2,4} --chunks "" --graphs $(printf -- '--baseline %s ' ${AB_BASELINES:?}) ;;
+               --shapes ${AB_SHAPES:-1,2,4} --chunks "" --graphs --profile $(printf -- '--baseline %s ' ${AB_BASELINES:?}) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
