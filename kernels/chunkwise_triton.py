@@ -495,8 +495,7 @@ def _bwd_gates(
     documents the scan is segmented: it restarts at each position after which a document starts (ids differ
     from the next position's), and the carried sum, which belongs to the document of the block after's first
     position, enters at the block's first element unless a document starts right after it. Blocks without a
-    start run the plain scan: the segmented one (a scan of (value, flag) pairs) took 3x the one-document time
-    (H200, thirteenth session)."""
+    start run the plain scan instead of the segmented one, a scan of (value, flag) pairs."""
     bh = tl.program_id(0)
     i = tl.arange(0, BS)
     carry = 0.0  # suffix sum at the first position of the block after
@@ -611,6 +610,10 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     # those two blocks lost (docs/benchmarks.md, "Twelfth session").
     pipelined_states = L == 128
     long_128 = L == 128 and DV == 128
+    # _bwd_gates: one program per row walks it in blocks; 2048 positions and 16 warps per step took 0.61x the
+    # time of 1024 and 4 warps at (1, 32, 65536) and 0.37x with 8 documents (H100, bench_gates.py, fourteenth
+    # session; 0.65x / 0.42x at 16384): fewer, wider steps on the row's sequential chain
+    gates_block = min(2048, max(16, triton.next_power_of_2(S)))
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
@@ -618,7 +621,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
-               bwd_gates=launch(4, BS=min(1024, max(16, triton.next_power_of_2(S)))))
+               bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
@@ -731,8 +734,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
 
 
 # Inside torch.compile (compile_blocks in training) the split backward's set (L = 128, head dim 128: split_bwd with
-# both restructured blocks) runs eagerly behind a graph break. Compiled, it failed on GPUs: on an H200 a mismatch
-# (2026-11-28, only the summary came back), and with its backward fused instead, inductor's scheduler raised
+# both restructured blocks) runs eagerly behind a graph break. Compiled, it failed on GPUs: its test failed on an
+# H200 (2026-11-28, only the summary came back), and with its backward fused instead, inductor's scheduler raised
 # KeyError in compute_ancestors (torch 2.11, H100, 2026-11-28; packed documents). That fused set also ran
 # slower in the compiled mixer than the eager mixer with the split (H100: 6.88 vs 6.18 ms at (1, 32, 16384, 128),
 # 26.79 vs 24.12 ms at 65536), and at S >= 8192 the host's time per call is well below the GPU's, so eager
@@ -780,6 +783,6 @@ def mlstm_triton(
     if torch.compiler.is_compiling() and _config(S, q.shape[-1], v.shape[-1], q.dtype, chunk_size,
                                                  state_block)["split_bwd"]:
         apply = _apply_eager
-    out = apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(),
-                                fgate.contiguous(), C0, n0, m0, seg, eps, chunk_size, state_block, return_final_state)
+    out = apply(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(), fgate.contiguous(), C0, n0, m0,
+                seg, eps, chunk_size, state_block, return_final_state)
     return (out[0], out[1:]) if return_final_state else (out, None)
