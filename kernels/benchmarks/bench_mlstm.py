@@ -14,6 +14,8 @@ the backward gets a fixed random upstream gradient.
                                                                          #   limit_chunk from CUDA graphs
     python kernels/benchmarks/bench_mlstm.py --out $OUT --shapes 0,3 --trace  # + a Chrome trace of ours per
                                                                          #   chunk size (kernel gaps on the GPU)
+    python kernels/benchmarks/bench_mlstm.py --out $OUT --baseline old=/tmp/old/kernels  # + an A/B: another
+                                                                         #   copy of kernels/ timed beside ours
 """
 
 from __future__ import annotations
