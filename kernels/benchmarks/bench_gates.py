@@ -19,6 +19,7 @@ import itertools
 import os
 
 import torch
+from bench_mlstm import packed_segment_ids  # this script's folder, as when run by path
 from triton.testing import do_bench_cudagraph
 from xdistill_kernels.chunkwise_triton import _bwd_gates
 
@@ -30,13 +31,7 @@ BASELINE = (1024, 4)  # _launch_config's bwd_gates before the fourteenth session
 def inputs(B, NH, S, docs):
     g = torch.Generator(device="cuda").manual_seed(0)
     qdq, kdk, fg = (torch.randn(B, NH, S, device="cuda", generator=g) for _ in range(3))
-    seg = None
-    if docs > 1:
-        cuts = torch.sort(torch.randperm(S - 1, device="cuda", generator=g)[: docs - 1] + 1).values
-        seg = torch.zeros(B, S, dtype=torch.long, device="cuda")
-        seg[:, cuts] = 1
-        seg = seg.cumsum(1)
-    return qdq, kdk, fg, seg
+    return qdq, kdk, fg, packed_segment_ids(B, S, docs, g) if docs > 1 else None
 
 
 def gates(qdq, kdk, fg, seg, block, warps, out=None):

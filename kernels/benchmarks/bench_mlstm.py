@@ -81,15 +81,29 @@ def make(B, NH, S, D, seed=0, docs=0):
     ig, fg = r(B, NH, S).bfloat16(), (r(B, NH, S) + 3).bfloat16()
     og = r(B, NH, S)  # output-gate pre-activation, fp32 as the student's gate_activations returns it
     dh = r(B, NH, S, D).bfloat16()
-    seg = None
-    if docs:
-        cuts = torch.sort(torch.randperm(S - 1, device="cuda", generator=g)[: docs - 1] + 1).values
-        seg = torch.zeros(B, S, dtype=torch.long, device="cuda")
-        seg[:, cuts] = 1
-        seg = seg.cumsum(1)
+    seg = packed_segment_ids(B, S, docs, g) if docs else None
     for x in (q, k, v, ig, fg, og):
         x.requires_grad_()
     return (q, k, v, ig, fg), og, dh, seg
+
+
+def packed_segment_ids(B, S, docs, generator):
+    """(B, S) int64 segment ids of `docs` documents per row, cut at the same random positions in every row."""
+    cuts = torch.sort(torch.randperm(S - 1, device="cuda", generator=generator)[: docs - 1] + 1).values
+    seg = torch.zeros(B, S, dtype=torch.long, device="cuda")
+    seg[:, cuts] = 1
+    return seg.cumsum(1)
+
+
+def outputs_and_grads(fn, leaves, dh):
+    """[h, d leaves] of one forward+backward of fn() with upstream gradient dh."""
+    h = fn()
+    return [h.detach(), *torch.autograd.grad(h, leaves, dh)]
+
+
+def max_rel_diff(xs, refs):
+    """The largest relative L2 difference ||x - ref|| / ||ref|| over pairs of tensors."""
+    return max(((x.float() - r.float()).norm() / r.float().norm()).item() for x, r in zip(xs, refs))
 
 
 def fwd_bwd(fn, leaves, dh):
@@ -165,10 +179,9 @@ def compare_baselines(row, baselines, leaves, dh, seg8, graphs, rounds=3):
         for case, seg in (("1 doc", None), ("8 docs", seg8)):
             call = lambda *x, fn=fn, seg=seg: fn(*x, segment_ids=seg, backend="triton")  # noqa: E731
             if name != "ours":
-                h, h_ours = call(*leaves), mlstm(*leaves, segment_ids=seg, backend="triton")
-                grads, grads_ours = torch.autograd.grad(h, leaves, dh), torch.autograd.grad(h_ours, leaves, dh)
-                err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                          for a, b in zip((h, *grads), (h_ours, *grads_ours)))
+                err = max_rel_diff(outputs_and_grads(lambda call=call: call(*leaves), leaves, dh),
+                                   outputs_and_grads(lambda seg=seg: mlstm(*leaves, segment_ids=seg, backend="triton"),
+                                                     leaves, dh))
                 assert err < 1e-2, f"baseline {name}, {case}: relative difference {err:.1e} from ours"
             timers[name, case] = fwd_bwd(lambda call=call: call(*leaves), leaves, dh)
             if graphs:
@@ -239,20 +252,16 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names):
     leaves = [q, k, v, ig, fg]
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
 
-    def outputs():
-        h = ours()
-        return [h.detach(), *torch.autograd.grad(h, leaves, dh)]
-
     def timed(name, overrides):
         print(f"{row['shape']} launch {name} {json.dumps(overrides)}", flush=True)  # names a crash's culprit
         with _launch_overrides(**overrides):
-            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(outputs(), ref))
+            err = max_rel_diff(outputs_and_grads(ours, leaves, dh), ref)
             assert err < 1e-2, f"launch {name}: relative difference {err:.1e} from the default"
             t = fwd_bwd(ours, leaves, dh)()
         print(f"{row['shape']} launch {name}: {t:.3f} ms, max relative difference {err:.1e}", flush=True)
         return t, err
 
-    ref = outputs()
+    ref = outputs_and_grads(ours, leaves, dh)
     times = {"default": fwd_bwd(ours, leaves, dh)()}
     errs = {}
     for name in names:
