@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import CompiledLaunch, cdiv, next_power_of_2
 from .reference import FRESH_M as _FRESH_M
 from .reference import MLSTMState, check_segment_ids, document_index
 
@@ -101,6 +102,7 @@ def _intra_logits(b, ig, valid, starts, has_start, L: tl.constexpr, HAS_DOC: tl.
     return tl.where(mask, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
 
 
+@CompiledLaunch
 @triton.jit
 def _fwd_states(
     k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DV)
@@ -162,6 +164,7 @@ def _fwd_states(
             tl.store(mf_ptr + bh, m)
 
 
+@CompiledLaunch
 @triton.jit
 def _fwd_output(
     q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
@@ -239,6 +242,7 @@ def _fwd_output(
         tl.store(mi_ptr + bh * S + offs, m_i, mask=valid)
 
 
+@CompiledLaunch
 @triton.jit
 def _bwd_dden(
     h_ptr, dh_ptr,  # (B, NH, S, DV) output and its gradient
@@ -281,6 +285,7 @@ def _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid, b, in
     return m_c, m_next, m_i, rz, s_inter
 
 
+@CompiledLaunch
 @triton.jit
 def _bwd_states(
     q_ptr, dh_ptr,  # (B, NH, S, DQK), (B, NH, S, DV) gradient of the output
@@ -363,6 +368,7 @@ def _row_state_dots(x_ptr, st_ptr, rows, state_rows, mask, DV: tl.constexpr, BV:
     return acc
 
 
+@CompiledLaunch
 @triton.jit
 def _bwd_grads(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
@@ -474,6 +480,7 @@ def _restart_add(v_a, restart_a, v_b, restart_b):
     return tl.where(restart_b != 0, v_b, v_a + v_b), restart_a | restart_b
 
 
+@CompiledLaunch
 @triton.jit
 def _bwd_gates(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
@@ -563,12 +570,12 @@ def _config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | Non
 def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: int | None,
                    state_block: int | None = None) -> dict:
     """Chunk length L, block sizes and every kernel's launch settings. Default L (measured on an H100 and an
-    H200, docs/benchmarks.md): 128 from S = 8192 on with head dims <= 128 (half the sequential steps of the
+    H200, docs/benchmarks.md): 128 from S = 4096 on with head dims <= 128 (half the sequential steps of the
     state kernels, which dominate the GPU time), 64 otherwise (the intra-chunk kernels' L x L tiles cost
-    registers, and short sequences have few steps). At S = 4096 L = 128 takes less GPU time (graphed, H200:
-    0.63 vs 0.88 ms at head dim 128, 0.66 vs 0.79 ms at 64), but its eager forward+backward measured slower in
-    four of six runs on H100 and H200 hosts (up to 2.0 vs 1.1 ms), for reasons not yet found; the eager figure
-    is what issue 3 measures, so 4096 stays at 64.
+    registers, and short sequences have few steps). At S = 4096 L = 128 takes less GPU time (graphed, H100:
+    0.685 vs 0.921 ms at head dim 128, 0.691 vs 0.835 ms at 64), and since launches skip JITFunction.run
+    (launch.py) its eager time follows (fifteenth session, docs/benchmarks.md); before, the host's time per
+    call bound it and 4096 took 64.
 
     The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
     (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
@@ -592,7 +599,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
-    L = chunk_size or (128 if S >= 8192 and max(DQK, DV) <= 128 else 64)
+    L = chunk_size or (128 if S >= 4096 and max(DQK, DV) <= 128 else 64)
     if L < 16 or L & (L - 1):
         raise ValueError(f"mlstm triton: chunk_size must be a power of two >= 16, got {L}")
     tile = state_block or 64
@@ -613,7 +620,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     # _bwd_gates: one program per row walks it in blocks; 2048 positions and 16 warps per step took 0.61x the
     # time of 1024 and 4 warps at (1, 32, 65536) and 0.37x with 8 documents (H100, bench_gates.py, fourteenth
     # session; 0.65x / 0.42x at 16384): fewer, wider steps on the row's sequential chain
-    gates_block = min(2048, max(16, triton.next_power_of_2(S)))
+    gates_block = min(2048, max(16, next_power_of_2(S)))
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
@@ -650,7 +657,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         DV = v.shape[-1]
         cfg = _config(S, DQK, DV, q.dtype, chunk_size, state_block)
         L, BKs, BVs = cfg["L"], cfg["BKS"], cfg["BVS"]
-        NC = triton.cdiv(S, L)
+        NC = cdiv(S, L)
         dev = q.device
         ctx.gate_dtypes = igate.dtype, fgate.dtype
         if cfg["gates_fp32"]:  # the kernels upcast every gate at once, so this changes no result
@@ -706,7 +713,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         seg_arg = seg if seg is not None else ms  # stand-ins for absent optional tensors, never touched
         dfinal = (dCf, dnf) if has_dfinal else (dcs, dns)
         dinit = (dC0, dn0) if ctx.has_init else (dcs, dns)
-        _bwd_dden[(triton.cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
+        _bwd_dden[(cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
                                                  **cfg["bwd_dden"])
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, seg_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,

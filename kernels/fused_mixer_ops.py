@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import CompiledLaunch, cdiv, next_power_of_2
+
 __all__ = ["feature_map", "gate_activations", "gate_mix"]
 
 
@@ -35,6 +37,7 @@ def _softmax_rows(z, valid):
     return e / tl.sum(e, 1)[:, None]
 
 
+@CompiledLaunch
 @triton.jit
 def _phi_fwd(
     x_ptr,  # (B, NX, S, D), strides sx*
@@ -62,6 +65,7 @@ def _phi_fwd(
         tl.store(out + F, _softmax_rows(-z, cols).to(y_ptr.dtype.element_ty), mask=keep)
 
 
+@CompiledLaunch
 @triton.jit
 def _phi_bwd(
     x_ptr, w_ptr,  # as in _phi_fwd
@@ -107,7 +111,7 @@ def _phi_bwd(
 
 def _pow2(n: int) -> int:
     """Smallest power of two >= max(n, 16) (tl.dot needs tiles of at least 16)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -136,7 +140,7 @@ class _FeatureMap(torch.autograd.Function):
         # per block over more warps (ptxas, sm_90: no spills up to D = 128; D = 256 spills)
         BS, warps = (64, 4) if BD * BF <= 64 * 32 else (32, 8)
         y = torch.empty(B, NH, S, 2 * F if pm else F, device=x.device, dtype=x.dtype)
-        _phi_fwd[(triton.cdiv(S, BS), B * NH)](
+        _phi_fwd[(cdiv(S, BS), B * NH)](
             x, weight, y, S, NH, NH // NX, D, F, *x.stride(),
             PM=pm, FT=y.shape[-1], BS=BS, BD=BD, BF=BF, PREC=_precision(x.dtype), num_warps=warps)
         ctx.save_for_backward(x, weight)
@@ -149,10 +153,10 @@ class _FeatureMap(torch.autograd.Function):
         B, NX, S, D = x.shape
         NH, _, F = weight.shape
         BS, BD, BF, warps = ctx.tiles
-        n_blocks = triton.cdiv(S, BS)
-        splits = min(n_blocks, triton.cdiv(_target_programs(x.device), B * NH))
-        blocks = triton.cdiv(n_blocks, splits)
-        splits = triton.cdiv(n_blocks, blocks)
+        n_blocks = cdiv(S, BS)
+        splits = min(n_blocks, cdiv(_target_programs(x.device), B * NH))
+        blocks = cdiv(n_blocks, splits)
+        splits = cdiv(n_blocks, blocks)
         dx = torch.empty(B, NH, S, D, device=x.device, dtype=x.dtype)
         dw = torch.empty(splits, B, NH, D, F, device=x.device, dtype=torch.float32)
         _phi_bwd[(splits, B * NH)](
@@ -185,6 +189,7 @@ def _tanh(y):
     return tl.where(y >= 0, r, -r)
 
 
+@CompiledLaunch
 @triton.jit
 def _gates_fwd(
     g_ptr,  # (B, S, G * NH), strides sg*
@@ -214,6 +219,7 @@ def _gates_fwd(
         tl.store(o_ptr + dst, 1.0 / (1.0 + tl.exp(-go)), mask=keep)
 
 
+@CompiledLaunch
 @triton.jit
 def _gates_bwd(
     g_ptr,  # as in _gates_fwd
@@ -259,9 +265,9 @@ class _GateActivations(torch.autograd.Function):
         has_o = width == 3 * num_heads
         ig, fg = (torch.empty(B, num_heads, S, device=g.device, dtype=torch.float32) for _ in range(2))
         o = torch.empty_like(ig) if has_o else ig  # stand-in pointer when absent, never written
-        grid = (triton.cdiv(S, _GATE_ROWS), B)
+        grid = (cdiv(S, _GATE_ROWS), B)
         _gates_fwd[grid](g, ig, fg, o, S, num_heads, float(cap), *g.stride(), HAS_O=has_o, CAP=cap > 0,
-                         BS=_GATE_ROWS, BH=triton.next_power_of_2(num_heads), num_warps=4)
+                         BS=_GATE_ROWS, BH=next_power_of_2(num_heads), num_warps=4)
         ctx.save_for_backward(g)
         ctx.num_heads, ctx.cap, ctx.has_o = num_heads, cap, has_o
         return (ig, fg, o) if has_o else (ig, fg)
@@ -274,9 +280,9 @@ class _GateActivations(torch.autograd.Function):
         dg = torch.empty(B, S, width, device=g.device, dtype=g.dtype)
         dig, dfg = dig.float().contiguous(), dfg.float().contiguous()
         do_arg = do[0].float().contiguous() if ctx.has_o else dig  # stand-in when absent, never read
-        grid = (triton.cdiv(S, _GATE_ROWS), B)
+        grid = (cdiv(S, _GATE_ROWS), B)
         _gates_bwd[grid](g, dig, dfg, do_arg, dg, S, num_heads, float(cap), *g.stride(), HAS_O=ctx.has_o,
-                         CAP=cap > 0, BS=_GATE_ROWS, BH=triton.next_power_of_2(num_heads), num_warps=4)
+                         CAP=cap > 0, BS=_GATE_ROWS, BH=next_power_of_2(num_heads), num_warps=4)
         return dg, None, None
 
 
@@ -308,6 +314,7 @@ def _mix_tile(o_ptr, h_ptr, a_ptr, S, NH, D, sh0, sh1, sh2, sh3, sa0, sa1, sa2, 
     return b, hd, bh, s, d, keep, o, h, a
 
 
+@CompiledLaunch
 @triton.jit
 def _mix_fwd(
     o_ptr,  # (B, NH, S) fp32 contiguous
@@ -323,6 +330,7 @@ def _mix_fwd(
              mask=keep)
 
 
+@CompiledLaunch
 @triton.jit
 def _mix_bwd(
     o_ptr, h_ptr, a_ptr,  # as in _mix_fwd
@@ -351,9 +359,9 @@ class _GateMix(torch.autograd.Function):
         B, NH, S, D = h.shape
         o = o.float().contiguous()
         out = torch.empty(B, S, NH, D, device=h.device, dtype=h.dtype).transpose(1, 2)
-        BD = triton.next_power_of_2(D)
+        BD = next_power_of_2(D)
         BS = max(1, 4096 // BD)
-        _mix_fwd[(triton.cdiv(S, BS), B * NH)](o, h, swa, out, S, NH, D, *h.stride(), *swa.stride(),
+        _mix_fwd[(cdiv(S, BS), B * NH)](o, h, swa, out, S, NH, D, *h.stride(), *swa.stride(),
                                                 *out.stride(), BS=BS, BD=BD, num_warps=4)
         ctx.save_for_backward(o, h, swa)
         ctx.tiles = (BS, BD)
@@ -367,7 +375,7 @@ class _GateMix(torch.autograd.Function):
         dh = torch.empty(B, NH, S, D, device=h.device, dtype=h.dtype)
         dswa = torch.empty(B, NH, S, D, device=h.device, dtype=swa.dtype)
         do = torch.empty_like(o)
-        _mix_bwd[(triton.cdiv(S, BS), B * NH)](o, h, swa, dout, dh, dswa, do, S, NH, D, *h.stride(),
+        _mix_bwd[(cdiv(S, BS), B * NH)](o, h, swa, dout, dh, dswa, do, S, NH, D, *h.stride(),
                                                 *swa.stride(), *dout.stride(), BS=BS, BD=BD, num_warps=4)
         return do, dh, dswa
 

@@ -12,9 +12,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import CompiledLaunch
 from .reference import MLSTMState
 
 
+@CompiledLaunch
 @triton.jit
 def _step_kernel(
     q_ptr, k_ptr, v_ptr,  # (B*NH, DQK), (B*NH, DQK), (B*NH, DV)

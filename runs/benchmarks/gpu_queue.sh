@@ -39,6 +39,8 @@
 #               documents, eager and graphed, peers beside; AB_BASELINES="NAME=DIR ..." (DIR a copy of kernels/, e.g.
 #               from `git archive COMMIT kernels`, carried in .stage2), AB_SHAPES indices (default 1,2,4: 16k, 64k,
 #               (2, 9, 16384, 64)); per-kernel profiles of ours, 1 and 8 documents             [guess: 6]
+#   kernels-ab4k  the same A/B at the two S = 4096 shapes, with AB4K_BASELINES (S = 4096 is host-bound eagerly,
+#               so host-side changes are compared there)                                       [4, H100 15th]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
 #               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
@@ -94,6 +96,8 @@ job() {
                --shapes 0,3 --graphs --profile --trace --compiled-mixer ;;
     kernels-ab) mkdir -p $ROOT/kernels-ab && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab \
                --shapes ${AB_SHAPES:-1,2,4} --chunks "" --graphs --profile $(printf -- '--baseline %s ' ${AB_BASELINES:?}) ;;
+    kernels-ab4k) mkdir -p $ROOT/kernels-ab4k && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab4k \
+               --shapes 0,3 --chunks "" --graphs --profile $(printf -- '--baseline %s ' ${AB4K_BASELINES:?}) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
@@ -154,7 +158,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;

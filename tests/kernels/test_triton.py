@@ -314,7 +314,7 @@ GPU_CASES = [
     ((1, 3, 777, 64, 64), None, True, 9),
     ((1, 2, 600, 256, 256), None, True, 3),
     ((1, 2, 600, 128, 128), 128, True, 3),
-    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 8192: the default L = 128 at head dim 64, ragged last chunk
+    ((1, 2, 8300, 64, 64), None, True, 5),  # S >= 4096: the default L = 128 at head dim 64, ragged last chunk
     ((1, 2, 4100, 128, 128), 128, True, 4),  # L = 128 at head dim 128 (the split backward), ragged
 ]
 
