@@ -5,7 +5,9 @@ six to seven launches goes through JITFunction.run (triton 3.6). Each time, that
 it, builds and hashes a cache key (str() of the options included) and reads Triton's knobs. It then builds launch
 metadata for the profiler hooks and calls both hook chains from C, even when they are empty. `CompiledLaunch`
 sends the first launch of each specialization through JITFunction.run, which compiles and launches, and keeps the
-CompiledKernel it returns. Later launches with the same specialization call that kernel's launcher directly.
+CompiledKernel it returns. Later launches with the same specialization call that kernel's launcher directly, with
+every tensor passed as its address: given a tensor, the launcher would make one driver call per pointer argument
+(cuPointerGetAttribute) to check it.
 
 The cache key is what the compiled kernel depends on, i.e. what JITFunction's own specialization reads:
 - every tensor's dtype, with every address 16-byte aligned (a launch with any tensor off that alignment goes
@@ -38,6 +40,9 @@ from triton.runtime.jit import JITFunction
 # constexprs included).
 _CHECKED_TRITON = ("3.6.",)
 _DIRECT = triton.__version__.startswith(_CHECKED_TRITON) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+# A launch given a CPU tensor goes through JITFunction.run, which raises a clear error, where the direct path would
+# hand the GPU a host address. Off only in kernels/benchmarks/bench_host.py, which times the host path offline.
+_CUDA_TENSORS_ONLY = True
 
 
 class CompiledLaunch:
@@ -61,15 +66,23 @@ class CompiledLaunch:
     def _launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
         device = driver.active.get_current_device()
         key = [device, *meta.items()]
+        launch_args = []  # tensors as their addresses (below)
         addresses = 0
         for arg in args:
             if isinstance(arg, Tensor):
-                addresses |= arg.data_ptr()
+                if _CUDA_TENSORS_ONLY and not arg.is_cuda:  # JITFunction.run raises its clear error
+                    self.fn[grid](*args, **meta)
+                    return
+                address = arg.data_ptr()
+                addresses |= address
                 key.append(arg.dtype)
-            elif type(arg) is int:
-                key.append((arg == 1, arg & 15 == 0, -(2 ** 31) <= arg < 2 ** 31))
+                launch_args.append(address)
             else:
-                key.append(type(arg))
+                if type(arg) is int:
+                    key.append((arg == 1, arg & 15 == 0, -(2 ** 31) <= arg < 2 ** 31))
+                else:
+                    key.append(type(arg))
+                launch_args.append(arg)
         if addresses & 15:  # a tensor off 16-byte alignment: rare, and its kernel differs per such tensor
             self.fn[grid](*args, **meta)
             return
@@ -83,8 +96,10 @@ class CompiledLaunch:
         stream = driver.active.get_current_stream(device)
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
+        # Pointers go to the launcher as ints: given a tensor, triton 3.6's C launcher calls its data_ptr() and
+        # then cuPointerGetAttribute, one driver call per pointer argument and launch (~20 per launch here)
         kernel.run(grid[0], grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *tail)
+                   *launch_args, *tail)
 
     def _constexpr_tail(self, args: tuple, meta: dict[str, Any]) -> tuple:
         """The values of the parameters after the positional ones (all constexprs), in signature order: the

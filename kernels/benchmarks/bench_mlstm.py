@@ -36,6 +36,7 @@ import triton
 from triton.testing import do_bench
 from xdistill_kernels import attention, gate_mix, mlstm, mlstm_fresh_state, mlstm_step
 from xdistill_kernels.chunkwise_triton import _launch_overrides
+from xdistill_kernels.launch import CompiledLaunch
 from xdistill_kernels.reference import mlstm_chunkwise
 
 SHAPES = [(1, 32, 4096, 128), (1, 32, 16384, 128), (1, 32, 65536, 128), (8, 9, 4096, 64), (2, 9, 16384, 64)]
@@ -172,7 +173,9 @@ def compare_baselines(row, baselines, leaves, dh, seg8, graphs, rounds=3):
     document and 8, eager and (graphs) from CUDA graphs, timed in alternation for `rounds` rounds so that a drift
     of the card's clocks meets every column alike. row["ab"][name][case] is the median of its rounds (ms), case
     one of "1 doc", "8 docs" and those + " graphed". Each baseline's h and gradients must equal ours (relative L2
-    < 1e-2) before it is timed."""
+    < 5e-2) before it is timed: a baseline may chunk differently, and each side's bf16 gate gradients lie up to
+    1.6e-2 from the fp32 reference (the correctness line), so two correct sides differ by up to ~3e-2, while a
+    broken one is off by O(1)."""
     impls = {"ours": mlstm, **dict(baselines)}
     timers = {}
     for name, fn in impls.items():
@@ -182,7 +185,7 @@ def compare_baselines(row, baselines, leaves, dh, seg8, graphs, rounds=3):
                 err = max_rel_diff(outputs_and_grads(lambda call=call: call(*leaves), leaves, dh),
                                    outputs_and_grads(lambda seg=seg: mlstm(*leaves, segment_ids=seg, backend="triton"),
                                                      leaves, dh))
-                assert err < 1e-2, f"baseline {name}, {case}: relative difference {err:.1e} from ours"
+                assert err < 5e-2, f"baseline {name}, {case}: relative difference {err:.1e} from ours"
             timers[name, case] = fwd_bwd(lambda call=call: call(*leaves), leaves, dh)
             if graphs:
                 timer = graphed_timer(call, leaves, dh)
@@ -381,38 +384,47 @@ def ours_call(leaves, dh, **kwargs):
 def profile_ours(B, NH, S, D, docs=0):
     """Per-kernel CUDA time of one forward+backward of ours (torch.profiler), printed as a table, after the
     host's time per call: where it is not well below the GPU's, launches and torch glue bound the call. The host
-    time is split into Triton's launch path (JITFunction.run: argument binding, cache lookup, launch) and the
-    rest (torch ops, autograd, Python), and a second table lists the host time of each torch op."""
+    time is split into the launch path (CompiledLaunch's, and JITFunction.run's where a launch takes it: binding,
+    cache lookup, the launcher's C call) and the rest (torch ops, autograd, Python), and a second table lists the
+    host time of each torch op."""
     leaves, _, dh, seg = make(B, NH, S, D, docs=docs)
     call = ours_call(leaves, dh, segment_ids=seg)
     label = f"{(B, NH, S, D)}" + (f", {docs} docs" if docs else "")
     for _ in range(3):
         call()
     torch.cuda.synchronize()
-    jit_run = triton.runtime.jit.JITFunction.run
-    in_triton = []
+    patched = [(triton.runtime.jit.JITFunction, "run"), (CompiledLaunch, "_launch")]
+    originals = [getattr(cls, name) for cls, name in patched]
+    in_launch, depth = [], [0]
 
-    def timed_run(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return jit_run(self, *args, **kwargs)
-        finally:
-            in_triton[-1] += time.perf_counter() - start
+    def timed(original):
+        def method(self, *args, **kwargs):  # outermost call only: _launch calls JITFunction.run on a first launch
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    in_launch[-1] += time.perf_counter() - start
+        return method
 
     host = []
-    triton.runtime.jit.JITFunction.run = timed_run
+    for (cls, name), original in zip(patched, originals):
+        setattr(cls, name, timed(original))
     try:
         for _ in range(20):  # time to issue one call while a ~30 ms kernel keeps the GPU busy: a hidden host sync
             torch.cuda._sleep(50_000_000)  # (it would show as ~30 ms here)
-            in_triton.append(0.0)
+            in_launch.append(0.0)
             start = time.perf_counter()
             call()
             host.append(time.perf_counter() - start)
             torch.cuda.synchronize()
     finally:
-        triton.runtime.jit.JITFunction.run = jit_run
+        for (cls, name), original in zip(patched, originals):
+            setattr(cls, name, original)
     print(f"host time to issue one forward+backward {label}: median {statistics.median(host) * 1e6:.0f} us, "
-          f"of which Triton's launch path {statistics.median(in_triton) * 1e6:.0f} us", flush=True)
+          f"of which the kernels' launch path {statistics.median(in_launch) * 1e6:.0f} us", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):

@@ -39,8 +39,10 @@ class _RecordingKernel:
 
 @pytest.fixture
 def direct(monkeypatch):
-    """The direct path switched on, as on a CUDA device with triton 3.6, device 0 and stream 7."""
+    """The direct path switched on, as on a CUDA device with triton 3.6, device 0 and stream 7; CPU tensors stand
+    for CUDA tensors."""
     monkeypatch.setattr(launch, "_DIRECT", True)
+    monkeypatch.setattr(launch, "_CUDA_TENSORS_ONLY", False)
     monkeypatch.setattr(launch, "driver", SimpleNamespace(active=SimpleNamespace(
         get_current_device=lambda: 0, get_current_stream=lambda device: 7)))
 
@@ -54,8 +56,21 @@ def test_launches_after_the_first_go_direct_with_every_parameter(direct):
     launcher[(5,)](x, y, 17, 1e-3, BLOCK=64, num_warps=4)  # another odd n > 1: the same specialization
     assert len(kernel.jit_launches) == 1
     # grid padded to 3, the stream, the compiled handles, no launch metadata or hooks, then every parameter in
-    # signature order: the runtime arguments as given, the constexprs from the keywords or their defaults
-    assert kernel.direct_launches == [(5, 1, 1, 7, "fn", "md", None, None, None, x, y, 17, 1e-3, 64, True)]
+    # signature order: tensors as their addresses, the other runtime arguments as given, the constexprs from the
+    # keywords or their defaults
+    assert kernel.direct_launches == [
+        (5, 1, 1, 7, "fn", "md", None, None, None, x.data_ptr(), y.data_ptr(), 17, 1e-3, 64, True)]
+
+
+def test_cpu_tensors_go_through_jit_run(direct, monkeypatch):
+    """Where a launch gets a CPU tensor, JITFunction.run raises its clear error instead of the GPU getting a host
+    address."""
+    monkeypatch.setattr(launch, "_CUDA_TENSORS_ONLY", True)
+    kernel = _RecordingKernel()
+    launcher = CompiledLaunch(kernel)
+    for _ in range(2):
+        launcher[(1,)](torch.zeros(64), torch.zeros(64), 33, 1e-6, BLOCK=64)
+    assert len(kernel.jit_launches) == 2 and not kernel.direct_launches
 
 
 @pytest.mark.parametrize("change", ["dtype", "int_class", "constexpr", "option"])
