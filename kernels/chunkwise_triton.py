@@ -746,7 +746,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
 # KeyError in compute_ancestors (torch 2.11, H100, 2026-11-28; packed documents). That fused set also ran
 # slower in the compiled mixer than the eager mixer with the split (H100: 6.88 vs 6.18 ms at (1, 32, 16384, 128),
 # 26.79 vs 24.12 ms at 65536), and at S >= 8192 the host's time per call is well below the GPU's, so eager
-# kernels lose nothing there. Every other set compiles and matched eager (tests/kernels, GPU).
+# kernels lose nothing there. At S = 4096 (L = 128 since the fifteenth session) the call alone is host-bound
+# (~1.0 ms of host per call against 0.67 ms of kernels, H100); a compiled training step with this graph break
+# at 4096 has not been timed. Every other set compiles and matched eager (tests/kernels, GPU).
 _apply_eager = torch.compiler.disable(_MLSTMChunkwise.apply)
 
 
