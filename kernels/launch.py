@@ -12,7 +12,7 @@ every tensor passed as its address: given a tensor, the launcher would make one 
 The cache key is what the compiled kernel depends on, i.e. what JITFunction's own specialization reads:
 - every tensor's dtype, with every address 16-byte aligned (a launch with any tensor off that alignment goes
   through JITFunction.run every time: one bit per tensor would cost a tuple entry each);
-- every int's class (== 1, divisible by 16, fits in int32);
+- every int's or bool's class (== 1, divisible by 16, fits in int32);
 - the type of any other argument;
 - the constexprs and launch options passed by keyword;
 - the current device.
@@ -78,7 +78,7 @@ class CompiledLaunch:
                 key.append(arg.dtype)
                 launch_args.append(address)
             else:
-                if type(arg) is int:
+                if type(arg) in (int, bool):
                     key.append((arg == 1, arg & 15 == 0, -(2 ** 31) <= arg < 2 ** 31))
                 else:
                     key.append(type(arg))

@@ -73,17 +73,20 @@ def test_cpu_tensors_go_through_jit_run(direct, monkeypatch):
     assert len(kernel.jit_launches) == 2 and not kernel.direct_launches
 
 
-@pytest.mark.parametrize("change", ["dtype", "int_class", "constexpr", "option"])
+@pytest.mark.parametrize("change", ["dtype", "int_class", "bool", "constexpr", "option"])
 def test_a_new_specialization_goes_through_jit_run(direct, change):
     kernel = _RecordingKernel()
     launcher = CompiledLaunch(kernel)
     x, y = torch.zeros(64), torch.zeros(64)
-    launcher[(1,)](x, y, 33, 1e-6, BLOCK=64, num_warps=4)
-    args, meta = [x, y, 33, 1e-6], dict(BLOCK=64, num_warps=4)
+    flag = True  # a bool runtime argument: its value is part of the specialization
+    launcher[(1,)](x, y, 33, flag, BLOCK=64, num_warps=4)
+    args, meta = [x, y, 33, flag], dict(BLOCK=64, num_warps=4)
     if change == "dtype":
         args[0] = torch.zeros(64, dtype=torch.float16)
     elif change == "int_class":
         args[2] = 32  # divisible by 16: Triton specializes on it
+    elif change == "bool":
+        args[3] = False
     elif change == "constexpr":
         meta["BLOCK"] = 128
     else:
