@@ -573,9 +573,10 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     H200, docs/benchmarks.md): 128 from S = 4096 on with head dims <= 128 (half the sequential steps of the
     state kernels, which dominate the GPU time), 64 otherwise (the intra-chunk kernels' L x L tiles cost
     registers, and short sequences have few steps). At S = 4096 L = 128 takes less GPU time (graphed, H100:
-    0.685 vs 0.921 ms at head dim 128, 0.691 vs 0.835 ms at 64), and since launches skip JITFunction.run
-    (launch.py) its eager time follows (fifteenth session, docs/benchmarks.md); before, the host's time per
-    call bound it and 4096 took 64.
+    0.671 vs 0.912 ms at head dim 128, 0.679 vs 0.829 ms at 64), and in the student's mixer at head dim 64 the
+    host stays hidden (eager 1.893 vs graphed 1.903 ms). The mLSTM alone, eager, is still host-bound there (1.065
+    vs 0.671 ms at head dim 128), where L = 64 would time lower (0.895 ms); the default follows the GPU time and
+    the model's use (fifteenth session, docs/benchmarks.md).
 
     The two sequential state kernels run one program per (batch x head, DQK tile, DV tile); their tile edge
     (BKS x BVS, default 64) sets how many programs share the chain over chunks: with few heads, e.g.
@@ -713,8 +714,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         seg_arg = seg if seg is not None else ms  # stand-ins for absent optional tensors, never touched
         dfinal = (dCf, dnf) if has_dfinal else (dcs, dns)
         dinit = (dC0, dn0) if ctx.has_init else (dcs, dns)
-        _bwd_dden[(cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV,
-                                                 **cfg["bwd_dden"])
+        _bwd_dden[(cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV, **cfg["bwd_dden"])
         _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
             q, dh, igate, fgate, seg_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,

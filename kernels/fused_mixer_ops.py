@@ -362,7 +362,7 @@ class _GateMix(torch.autograd.Function):
         BD = next_power_of_2(D)
         BS = max(1, 4096 // BD)
         _mix_fwd[(cdiv(S, BS), B * NH)](o, h, swa, out, S, NH, D, *h.stride(), *swa.stride(),
-                                                *out.stride(), BS=BS, BD=BD, num_warps=4)
+                                        *out.stride(), BS=BS, BD=BD, num_warps=4)
         ctx.save_for_backward(o, h, swa)
         ctx.tiles = (BS, BD)
         return out
@@ -376,7 +376,7 @@ class _GateMix(torch.autograd.Function):
         dswa = torch.empty(B, NH, S, D, device=h.device, dtype=swa.dtype)
         do = torch.empty_like(o)
         _mix_bwd[(cdiv(S, BS), B * NH)](o, h, swa, dout, dh, dswa, do, S, NH, D, *h.stride(),
-                                                *swa.stride(), *dout.stride(), BS=BS, BD=BD, num_warps=4)
+                                        *swa.stride(), *dout.stride(), BS=BS, BD=BD, num_warps=4)
         return do, dh, dswa
 
 

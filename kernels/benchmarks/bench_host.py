@@ -32,7 +32,7 @@ from triton.backends.nvidia.driver import CudaDriver, CudaLauncher
 from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mlstm import load_baseline  # noqa: E402  (the same NAME=DIR copies of kernels/ as its A/B)
+from bench_mlstm import cleared_call, load_baseline  # noqa: E402  (its A/B's NAME=DIR copies and call)
 
 
 class _StubUtils:
@@ -90,13 +90,7 @@ def host_call(mlstm, S, D, chunk_size, docs):
     dh = torch.randn(1, 2, S, D, generator=g, dtype=torch.bfloat16)
     seg = (torch.arange(S) * docs // S).to(torch.int32)[None].contiguous() if docs else None
     leaves = (q, k, v, ig, fg)
-
-    def call():
-        for leaf in leaves:
-            leaf.grad = None
-        mlstm(*leaves, backend="triton", chunk_size=chunk_size, segment_ids=seg).backward(dh)
-
-    return call
+    return cleared_call(lambda: mlstm(*leaves, backend="triton", chunk_size=chunk_size, segment_ids=seg), leaves, dh)
 
 
 def main():

@@ -94,10 +94,11 @@ job() {
                --graphs --compiled-mixer ;;
     kernels-trace) mkdir -p $ROOT/kernels-trace && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-trace \
                --shapes 0,3 --graphs --profile --trace --compiled-mixer ;;
-    kernels-ab) mkdir -p $ROOT/kernels-ab && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab \
-               --shapes ${AB_SHAPES:-1,2,4} --chunks "" --graphs --profile $(printf -- '--baseline %s ' ${AB_BASELINES:?}) ;;
-    kernels-ab4k) mkdir -p $ROOT/kernels-ab4k && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-ab4k \
-               --shapes 0,3 --chunks "" --graphs --profile $(printf -- '--baseline %s ' ${AB4K_BASELINES:?}) ;;
+    kernels-ab|kernels-ab4k) local shapes=${AB_SHAPES:-1,2,4} baselines=${AB_BASELINES:-}
+      [[ $1 == kernels-ab ]] || { shapes=0,3; baselines=${AB4K_BASELINES:-}; }
+      [[ -n $baselines ]] || { echo "$1: name the baselines (AB_BASELINES / AB4K_BASELINES)" >&2; return 2; }
+      mkdir -p $ROOT/$1 && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/$1 --shapes $shapes --chunks "" \
+        --graphs --profile $(printf -- '--baseline %s ' $baselines) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
