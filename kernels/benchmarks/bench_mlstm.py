@@ -58,7 +58,10 @@ PEAK_TFLOPS, PEAK_TBPS = 790.0, 3.0  # H100 SXM bf16 dense, HBM3 copy bandwidth
 # of the vb == 0 programs waiting on a synchronous global load every chunk step (offline TTGIR, triton 3.6 sm_90a;
 # it needs the NUM_STAGES annotation to be taken). Since the twelfth session's sweep (H100) the defaults are
 # states:f32_bwd_ns3_ddenp at every L = 128, and with grads:split_dv4_dqdkr and fwd_output:restructured at
-# L = 128, D = 128.
+# L = 128, D = 128. fwd_output:q64 / q64w4: _fwd_output in blocks of 64 query rows against the chunk's keys
+# (output_bq: (64, L) tiles instead of (L, L), the chunk's k, v and state read by two programs); at L = 128, D = 64
+# and 4 warps 253 registers and no spills (the (L, L) kernel spills 1096 B at 4 warps), so two programs fit an SM
+# (offline, triton 3.6 sm_90a).
 LAUNCH_GRID = {
     "states:bwd_ns3": {"bwd_states": {"NUM_STAGES": 3}},
     "states:f32": {"gates_fp32": True},
@@ -71,6 +74,8 @@ LAUNCH_GRID = {
     "fwd_output:w4": {"fwd_output": {"num_warps": 4}},
     "fwd_output:w8": {"fwd_output": {"num_warps": 8}},
     "fwd_output:restructured": {"output_restructured": True},
+    "fwd_output:q64": {"output_bq": 64},
+    "fwd_output:q64w4": {"output_bq": 64, "fwd_output": {"num_warps": 4}},
 }
 
 
@@ -247,28 +252,39 @@ def peer_kernel(name):
         return None
 
 
-def launch_sweep(row, q, k, v, ig, fg, dh, names):
+def launch_sweep(row, q, k, v, ig, fg, dh, names, graphs=False):
     """Time ours at the default chunk size under each LAUNCH_GRID entry in `names`, then the best entry of
     each group together. Each entry's h and gradients must equal the default's (relative L2 < 1e-2: the
-    settings change no arithmetic (dden_prefetch included), the split, dqdk_restructured and
-    output_restructured only the fp32 summation order) before it is timed."""
+    settings change no arithmetic (dden_prefetch included), the split, dqdk_restructured, output_restructured
+    and output_bq only the fp32 summation order) before it is timed. With `graphs` each entry is also timed
+    from CUDA graphs, and those times (the kernels' alone: at S = 4096 the eager ones follow the host) pick the
+    winners."""
     leaves = [q, k, v, ig, fg]
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
+    graphed = {}
 
     def timed(name, overrides):
         print(f"{row['shape']} launch {name} {json.dumps(overrides)}", flush=True)  # names a crash's culprit
         with _launch_overrides(**overrides):
-            err = max_rel_diff(outputs_and_grads(ours, leaves, dh), ref)
+            err = max_rel_diff(outputs_and_grads(ours, leaves, dh), ref) if overrides else 0.0
             assert err < 1e-2, f"launch {name}: relative difference {err:.1e} from the default"
             t = fwd_bwd(ours, leaves, dh)()
-        print(f"{row['shape']} launch {name}: {t:.3f} ms, max relative difference {err:.1e}", flush=True)
+            if graphs:  # captured under the overrides; the replays run what was captured
+                graphed[name] = graphed_fwd_bwd(lambda *x: mlstm(*x, backend="triton"), leaves, dh)
+        print(f"{row['shape']} launch {name}: {t:.3f} ms" + (f", graphed {graphed[name]:.3f} ms" if graphs else "")
+              + f", max relative difference {err:.1e}", flush=True)
         return t, err
 
     ref = outputs_and_grads(ours, leaves, dh)
-    times = {"default": fwd_bwd(ours, leaves, dh)()}
+    times = {}
     errs = {}
+    times["default"], _ = timed("default", {})
     for name in names:
         times[name], errs[name] = timed(name, LAUNCH_GRID[name])
+    if graphs and None not in graphed.values():
+        times, row_eager = dict(graphed), times
+    else:
+        row_eager = None
     best = {}
     for group in dict.fromkeys(n.split(":")[0] for n in names):
         winner = min((n for n in names if n.startswith(group + ":")), key=times.get)
@@ -276,10 +292,16 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names):
             assert not set(best) & set(LAUNCH_GRID[winner]), "LAUNCH_GRID groups must set disjoint keys"
             best.update(LAUNCH_GRID[winner])
     if best and best not in [LAUNCH_GRID[n] for n in names]:
-        times["best"], errs["best"] = timed("best", best)
+        t, errs["best"] = timed("best", best)
+        if row_eager is None:
+            times["best"] = t
+        else:
+            times["best"], row_eager["best"] = graphed["best"], t
     name = min(times, key=times.get)
-    row["launch_sweep"] = {"ms": times, "max_rel_diff": errs, "best": name,
+    row["launch_sweep"] = {"ms": row_eager or times, "max_rel_diff": errs, "best": name,
                            "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
+    if row_eager is not None:
+        row["launch_sweep"]["graphed_ms"] = times
 
 
 def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False,
@@ -288,7 +310,7 @@ def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_nam
     leaves = [q, k, v, ig, fg]
     row = {"shape": (B, NH, S, D)}
     if launch_names:
-        launch_sweep(row, q, k, v, ig, fg, dh, launch_names)
+        launch_sweep(row, q, k, v, ig, fg, dh, launch_names, graphs)
     for tile in state_blocks:  # the sequential state kernels' tile edge, at the default chunk size
         t = fwd_bwd(lambda tile=tile: mlstm(q, k, v, ig, fg, backend="triton", state_block=tile), leaves, dh)()
         row[f"ours_tile{tile}"] = t
@@ -520,14 +542,18 @@ def write_markdown(path, results, checks, device):
     sweeps = [r for r in results if "launch_sweep" in r]
     if sweeps:
         names = list(dict.fromkeys(n for r in sweeps for n in r["launch_sweep"]["ms"]))
-        lines += ["", "Launch sweep (ours at the default chunk size, ms; one group of settings changed at a time, "
+        lines += ["", "Launch sweep (ours at the default chunk size, ms, eager, or eager / graphed where timed from "
+                  "CUDA graphs too, which then pick the fastest; one group of settings changed at a time, "
                   "best = the best entry of each group together; kernels/benchmarks/bench_mlstm.py LAUNCH_GRID):",
                   "", "| (B, NH, S, D) | " + " | ".join(names) + " | fastest | its overrides | max rel. diff |",
                   "|---" * (len(names) + 4) + "|"]
         for r in sweeps:
             sw = r["launch_sweep"]
-            cells = [f"{sw['ms'][n]:.3f}" if n in sw["ms"] else "-" for n in names]
-            speedup = sw["ms"]["default"] / sw["ms"][sw["best"]]
+            graphed = sw.get("graphed_ms", {})
+            cells = [(f"{sw['ms'][n]:.3f}" + (f" / {graphed[n]:.3f}" if n in graphed else "")) if n in sw["ms"]
+                     else "-" for n in names]
+            picked = graphed or sw["ms"]
+            speedup = picked["default"] / picked[sw["best"]]
             lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {sw['best']} ({speedup:.2f}x) | "
                          f"`{json.dumps(sw['best_overrides'])}` | {max(sw['max_rel_diff'].values(), default=0):.1e} |")
     ab = [r for r in results if "ab" in r]

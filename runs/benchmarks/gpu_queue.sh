@@ -42,8 +42,9 @@
 #   kernels-ab4k  the same A/B at the two S = 4096 shapes, with AB4K_BASELINES (S = 4096 is host-bound eagerly,
 #               so host-side changes are compared there)                                       [4, H100 15th]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
-#   kernels-variants  the tenth session's offline variants (dden_prefetch, dqdk_restructured, output_restructured) vs the
-#               defaults at 16k, 64k and (2, 9, 16384, 64), peers beside (issue 3; docs/kernels.md)  [~5, guess]
+#   kernels-variants  ours under LAUNCH_GRID entries (bench_mlstm.py) against the defaults, eager and from CUDA graphs
+#               (the graphed times pick the winners), peers beside: SWEEP="name,name" (required), SWEEP_SHAPES
+#               (indices, default all five) (issue 3; docs/kernels.md)                                  [~6, guess]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
@@ -101,9 +102,9 @@ job() {
         --graphs --profile $(printf -- '--baseline %s ' $baselines) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
-    kernels-variants) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
-               --shapes 1,2,4 --profile \
-               --launch-sweep states:f32_bwd_ns3,states:f32_bwd_ns3_ddenp,grads:split_dv4,grads:split_dv4_dqdkr,fwd_output:w8,fwd_output:restructured ;;
+    kernels-variants) [[ -n ${SWEEP:-} ]] || { echo "kernels-variants: name the LAUNCH_GRID entries (SWEEP)" >&2; return 2; }
+      mkdir -p $ROOT/kernels-variants && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-variants \
+        --shapes ${SWEEP_SHAPES:-all} --chunks "" --graphs --launch-sweep "$SWEEP" ;;
     smollm2) $B --shape smollm2 --contexts 1024 4096 16384 32768 65536 --batches 1 8 32 $S --out $ROOT/smollm2 \
                --profile 4096 65536 ;;
     stage2) python3 runs/benchmarks/bench_stage2.py --seq-len 4096 --batch 4 --steps 6 --warmup 2 --compile-blocks \
@@ -159,7 +160,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* kernels-variants/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;
