@@ -102,35 +102,6 @@ def _intra_logits(b, ig, valid, starts, has_start, L: tl.constexpr, HAS_DOC: tl.
     return tl.where(mask, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
 
 
-@triton.jit
-def _query_block(ig_ptr, fg_ptr, seg_ptr, c, qb, S, offs, valid, b, ig, starts, has_start,
-                 L: tl.constexpr, BQ: tl.constexpr, HAS_DOC: tl.constexpr):
-    """Rows qb * BQ .. qb * BQ + BQ - 1 of chunk c as queries against all L keys of the chunk (offs .. has_start:
-    the chunk's vectors from _chunk_gates, pointers already at this row): the rows' positions, validity, cumulative
-    log forget b, and `in_first` (still in the incoming state's document), and the (BQ, L) log weights as
-    _intra_logits'. The rows' b continues the chunk's b before the block (its cumsum restarted there: equal to
-    the chunk's up to fp32 rounding) and their document index that before the block (integers: exact)."""
-    offs_q = c * L + qb * BQ + tl.arange(0, BQ)
-    valid_q = offs_q < S
-    fg = tl.load(fg_ptr + offs_q, mask=valid_q, other=0.0).to(tl.float32)
-    lf = tl.where(valid_q, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)  # logsigmoid
-    before = offs == c * L + qb * BQ - 1  # the chunk's last position before the block (none for qb = 0)
-    b_q = tl.cumsum(lf, 0) + tl.sum(tl.where(before, b, 0.0), 0)
-    mask = (offs[None, :] <= offs_q[:, None]) & valid[None, :] & valid_q[:, None]
-    in_first_q = valid_q
-    if HAS_DOC:
-        seg = tl.load(seg_ptr + offs_q, mask=valid_q, other=0)
-        seg_before = tl.load(seg_ptr + offs_q - 1, mask=valid_q & (offs_q > 0), other=0)
-        starts_q = valid_q & (offs_q > 0) & (seg != seg_before)
-        doc = tl.cumsum(starts.to(tl.int32), 0)
-        doc_q = tl.cumsum(starts_q.to(tl.int32), 0) + tl.sum(tl.where(before, doc, 0), 0)
-        in_first_q = valid_q & (doc_q == 0)
-        if has_start:
-            mask = mask & (doc_q[:, None] == doc[None, :])
-    logD = tl.where(mask, b_q[:, None] - b[None, :] + ig[None, :], float("-inf"))
-    return offs_q, valid_q, b_q, in_first_q, logD
-
-
 @CompiledLaunch
 @triton.jit
 def _fwd_states(
@@ -203,16 +174,12 @@ def _fwd_output(
     den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, HAS_DOC: tl.constexpr, OUT_RESTRUCTURED: tl.constexpr, BQ: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, OUT_RESTRUCTURED: tl.constexpr,
 ):
     """OUT_RESTRUCTURED (output_restructured in _config): the same math ordered for fewer live registers: q k^T
     first (without the q C accumulator beside it), gated and cast to the input dtype once, then q C as the
-    accumulator of the (q k^T * P) v dot; q is loaded twice. Only the fp32 summation order of num differs.
-    BQ: query rows per program (L // BQ programs per chunk, each against all L keys of its chunk): BQ < L holds
-    (BQ, L) tiles instead of (L, L), at the cost of re-reading the chunk's k, v and state per program."""
+    accumulator of the (q k^T * P) v dot; q is loaded twice. Only the fp32 summation order of num differs."""
     c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    qb = c % (L // BQ)
-    c = c // (L // BQ)
     # torch.compile (inductor) passes Python floats to Triton kernels as fp64, which would promote this kernel's
     # arithmetic to fp64 (and fail tl.dot's fp32 accumulator check); plain launches pass fp32
     eps = tl.cast(eps, tl.float32)
@@ -220,33 +187,25 @@ def _fwd_output(
     offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
         ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
     m_c = tl.load(ms_ptr + bh * (NC + 1) + c)
-    offs_k, valid_k = offs, valid
-    if BQ == L:
-        log_inter = tl.where(in_first, b + m_c, float("-inf"))
-        logD = _intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC)
-    else:  # from here on offs, valid, b and in_first are the query rows' (BQ,), offs_k and valid_k the keys' (L,)
-        offs, valid, b, in_first, logD = _query_block(ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S,
-                                                      c, qb, S, offs, valid, b, ig, starts, has_start, L, BQ,
-                                                      HAS_DOC)
-        log_inter = tl.where(in_first, b + m_c, float("-inf"))
+    log_inter = tl.where(in_first, b + m_c, float("-inf"))
+    logD = _intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC)
     m_i = tl.where(valid, tl.maximum(log_inter, tl.max(logD, 1)), 0.0)
     P = tl.exp(logD - m_i[:, None])
     s_inter = tl.exp(log_inter - m_i)
 
     if OUT_RESTRUCTURED:
         rows = bh * S + offs[:, None]
-        rows_k = bh * S + offs_k[:, None]
-        qk = tl.zeros((BQ, L), dtype=tl.float32)
+        qk = tl.zeros((L, L), dtype=tl.float32)
         for kb in tl.static_range(DQK // BK):
             ok = kb * BK + tl.arange(0, BK)
             q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
-            k = tl.load(k_ptr + rows_k * DQK + ok[None, :], mask=valid_k[:, None], other=0.0)
+            k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
         Smat = qk * P
         den = tl.sum(Smat, 1)
         Sc = Smat.to(v_ptr.dtype.element_ty)
-        q_c = tl.zeros((BQ, BV), dtype=tl.float32)  # q^T C_c
-        q_n = tl.zeros((BQ,), dtype=tl.float32)  # q^T n_c
+        q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
+        q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
         for kb in tl.static_range(DQK // BK):
             ok = kb * BK + tl.arange(0, BK)
             q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=valid[:, None], other=0.0)
@@ -254,24 +213,24 @@ def _fwd_output(
             n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
             q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
             q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
-        v = tl.load(v_ptr + rows_k * DV + ov[None, :], mask=valid_k[:, None], other=0.0)
+        v = tl.load(v_ptr + rows * DV + ov[None, :], mask=valid[:, None], other=0.0)
         num = tl.dot(Sc, v, s_inter[:, None] * q_c, input_precision=PREC)
         den += s_inter * q_n
     else:
-        qk = tl.zeros((BQ, L), dtype=tl.float32)
-        q_c = tl.zeros((BQ, BV), dtype=tl.float32)  # q^T C_c
-        q_n = tl.zeros((BQ,), dtype=tl.float32)  # q^T n_c
+        qk = tl.zeros((L, L), dtype=tl.float32)
+        q_c = tl.zeros((L, BV), dtype=tl.float32)  # q^T C_c
+        q_n = tl.zeros((L,), dtype=tl.float32)  # q^T n_c
         for kb in tl.static_range(DQK // BK):
             ok = kb * BK + tl.arange(0, BK)
             q = tl.load(q_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
-            k = tl.load(k_ptr + (bh * S + offs_k[:, None]) * DQK + ok[None, :], mask=valid_k[:, None], other=0.0)
+            k = tl.load(k_ptr + (bh * S + offs[:, None]) * DQK + ok[None, :], mask=valid[:, None], other=0.0)
             C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
             n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
             q_c += tl.dot(q, C.to(q.dtype), input_precision=PREC)
             q_n += tl.sum(q.to(tl.float32) * n[None, :], 1)
         Smat = qk * P
-        v = tl.load(v_ptr + (bh * S + offs_k[:, None]) * DV + ov[None, :], mask=valid_k[:, None], other=0.0)
+        v = tl.load(v_ptr + (bh * S + offs[:, None]) * DV + ov[None, :], mask=valid[:, None], other=0.0)
         num = tl.dot(Smat.to(v.dtype), v, input_precision=PREC) + s_inter[:, None] * q_c
         den = tl.sum(Smat, 1) + s_inter * q_n
     z = tl.maximum(tl.abs(den), tl.exp(-m_i)) + eps
@@ -580,7 +539,6 @@ def _bwd_gates(
 
 _KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
-_QUERY_BLOCKS = ("output_bq",)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -637,7 +595,6 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a);
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
     chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a).
-    output_bq: _fwd_output's query rows per program (L: the whole chunk; smaller: (output_bq, L) tiles).
     bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks). The
     defaults are the measured configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
@@ -668,15 +625,13 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, output_bq=L,
+               dden_prefetch=pipelined_states,
                fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
                bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
-            cfg[key] = value
-        elif key in _QUERY_BLOCKS and type(value) is int and value >= 16 and L % value == 0:
             cfg[key] = value
         elif key in _KERNELS and isinstance(value, dict) and set(value) <= set(cfg[key]):
             cfg[key] = {**cfg[key], **value}
@@ -727,10 +682,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
-        _fwd_output[(NC * (L // cfg["output_bq"]), B * NH, DV // cfg["BVO"])](
+        _fwd_output[(NC, B * NH, DV // cfg["BVO"])](
             q, k, v, igate, fgate, seg_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
-            BQ=cfg["output_bq"],
             **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, *final[:2] if with_state else ())
         ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state

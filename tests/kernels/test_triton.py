@@ -53,8 +53,6 @@ VARIANTS = {
     "split_restructured": dict(split_bwd=True, dqdk_restructured=True),
     "output_restructured": dict(output_restructured=True),
     "dden_prefetch": dict(dden_prefetch=True, bwd_states={"NUM_STAGES": 3}),
-    # _fwd_output in blocks of 16 query rows against the chunk's keys: blocks cross documents and the ragged end
-    "query_blocks": dict(output_bq=16),
     # the gate-gradient scan in blocks of 16 positions, so that its carry crosses blocks and documents
     "gate_blocks": dict(bwd_gates={"BS": 16}),
 }
