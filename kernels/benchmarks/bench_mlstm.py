@@ -253,51 +253,43 @@ def launch_sweep(row, q, k, v, ig, fg, dh, names, graphs=False):
     each group together. Each entry's h and gradients must equal the default's (relative L2 < 1e-2: the
     settings change no arithmetic (dden_prefetch included), the split, dqdk_restructured and
     output_restructured only the fp32 summation order) before it is timed. With `graphs` each entry is also timed
-    from CUDA graphs, and those times (the kernels' alone: at S = 4096 the eager ones follow the host) pick the
-    winners."""
+    from CUDA graphs, and where every capture worked those times (the kernels' alone: at S = 4096 the eager ones
+    follow the host) pick the winners."""
     leaves = [q, k, v, ig, fg]
     ours = lambda: mlstm(q, k, v, ig, fg, backend="triton")  # noqa: E731
-    graphed = {}
+    eager, graphed, errs = {}, {}, {}
 
     def timed(name, overrides):
         print(f"{row['shape']} launch {name} {json.dumps(overrides)}", flush=True)  # names a crash's culprit
         with _launch_overrides(**overrides):
-            err = max_rel_diff(outputs_and_grads(ours, leaves, dh), ref) if overrides else 0.0
-            assert err < 1e-2, f"launch {name}: relative difference {err:.1e} from the default"
-            t = fwd_bwd(ours, leaves, dh)()
+            if overrides:
+                errs[name] = max_rel_diff(outputs_and_grads(ours, leaves, dh), ref)
+                assert errs[name] < 1e-2, f"launch {name}: relative difference {errs[name]:.1e} from the default"
+            eager[name] = fwd_bwd(ours, leaves, dh)()
             if graphs:  # captured under the overrides; the replays run what was captured
                 graphed[name] = graphed_fwd_bwd(lambda *x: mlstm(*x, backend="triton"), leaves, dh)
-        print(f"{row['shape']} launch {name}: {t:.3f} ms" + (f", graphed {graphed[name]:.3f} ms" if graphs else "")
-              + f", max relative difference {err:.1e}", flush=True)
-        return t, err
+        print(f"{row['shape']} launch {name}: {eager[name]:.3f} ms eager, graphed {graphed.get(name)}, "
+              f"max relative difference {errs.get(name, 0.0):.1e}", flush=True)
 
     ref = outputs_and_grads(ours, leaves, dh)
-    times = {}
-    errs = {}
-    times["default"], _ = timed("default", {})
+    timed("default", {})
     for name in names:
-        times[name], errs[name] = timed(name, LAUNCH_GRID[name])
-    if graphs and None not in graphed.values():
-        times, row_eager = dict(graphed), times
-    else:
-        row_eager = None
+        timed(name, LAUNCH_GRID[name])
+    picked = lambda: graphed if graphs and None not in graphed.values() else eager  # noqa: E731
     best = {}
     for group in dict.fromkeys(n.split(":")[0] for n in names):
-        winner = min((n for n in names if n.startswith(group + ":")), key=times.get)
-        if times[winner] < times["default"]:
+        winner = min((n for n in names if n.startswith(group + ":")), key=picked().get)
+        if picked()[winner] < picked()["default"]:
             assert not set(best) & set(LAUNCH_GRID[winner]), "LAUNCH_GRID groups must set disjoint keys"
             best.update(LAUNCH_GRID[winner])
     if best and best not in [LAUNCH_GRID[n] for n in names]:
-        t, errs["best"] = timed("best", best)
-        if row_eager is None:
-            times["best"] = t
-        else:
-            times["best"], row_eager["best"] = graphed["best"], t
+        timed("best", best)
+    times = picked()
     name = min(times, key=times.get)
-    row["launch_sweep"] = {"ms": row_eager or times, "max_rel_diff": errs, "best": name,
-                           "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
-    if row_eager is not None:
-        row["launch_sweep"]["graphed_ms"] = times
+    row["launch_sweep"] = {"ms": eager, "max_rel_diff": errs, "best": name, "picked_by": "graphed" if times is graphed
+                           else "eager", "best_overrides": best if name == "best" else LAUNCH_GRID.get(name, {})}
+    if graphs:
+        row["launch_sweep"]["graphed_ms"] = graphed
 
 
 def bench_shape(B, NH, S, D, chunks, peers, results, state_blocks=(), launch_names=(), graphs=False,
@@ -548,9 +540,9 @@ def write_markdown(path, results, checks, device):
         for r in sweeps:
             sw = r["launch_sweep"]
             graphed = sw.get("graphed_ms", {})
-            cells = [(f"{sw['ms'][n]:.3f}" + (f" / {graphed[n]:.3f}" if n in graphed else "")) if n in sw["ms"]
-                     else "-" for n in names]
-            picked = graphed or sw["ms"]
+            cells = [(f"{sw['ms'][n]:.3f}" + (f" / {graphed[n]:.3f}" if graphed.get(n) is not None else ""))
+                     if n in sw["ms"] else "-" for n in names]
+            picked = graphed if sw["picked_by"] == "graphed" else sw["ms"]
             speedup = picked["default"] / picked[sw["best"]]
             lines.append(f"| {r['shape']} | " + " | ".join(cells) + f" | {sw['best']} ({speedup:.2f}x) | "
                          f"`{json.dumps(sw['best_overrides'])}` | {max(sw['max_rel_diff'].values(), default=0):.1e} |")
