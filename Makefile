@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash runs/demo.sh
 
+# Two pytest-xdist workers, each taking whole files (module fixtures built once): 14 min instead of 16.5 on the
+# 2-core CI machine. More workers each import torch and spawn training processes of their own.
+TEST_WORKERS ?= 2
+
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(BIN)/ruff check .
