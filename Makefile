@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash runs/demo.sh
 
-# Two pytest-xdist workers, each taking whole files (module fixtures built once): 14 min instead of 16.5 on the
+# Two pytest-xdist workers, each taking whole files (module fixtures built once): 14-15 min instead of 16.5 on the
 # 2-core CI machine. More workers each import torch and spawn training processes of their own.
 TEST_WORKERS ?= 2
 
