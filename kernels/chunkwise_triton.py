@@ -1,13 +1,17 @@
 """Chunkwise-parallel mLSTM in Triton: forward and backward behind one torch.autograd.Function.
 
 Same semantics as reference.py (stabilised mLSTM, documents reset the state, initial/final state). The
-sequence is cut into chunks of L positions. Six kernels, each program owning one (batch, head):
+sequence is cut into chunks of L positions. Six kernels (and two carry passes), each program owning one (batch,
+head) or part of it:
 
-  forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk
+  forward  _fwd_states   sequential over chunks: the stabilised state (C, n, m) entering every chunk; with
+                         state segments, over each segment's chunks from a fresh state, then _fwd_carry
+                         (parallel) adds the state carried in from the segments before
            _fwd_output   parallel over chunks: h = intra-chunk quadratic part + inter-chunk part from the
                          state, saving the normaliser den and the stabiliser m per position
   backward _bwd_dden     parallel: the gradient dden of the normaliser per position
-           _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk
+           _bwd_states   sequential over chunks in reverse: dC, dn of the state leaving every chunk (by
+                         segments, then _bwd_carry, as in the forward)
            _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position; optionally as
                          two launches, dq/dk and dv (split_bwd)
            _bwd_gates    sequential over each row in reverse: the gate gradients from q.dq and k.dk
@@ -102,6 +106,62 @@ def _intra_logits(b, ig, valid, starts, has_start, L: tl.constexpr, HAS_DOC: tl.
     return tl.where(mask, b[:, None] - b[None, :] + ig[None, :], float("-inf"))
 
 
+def carry_width(G: int, NC: int, DQK: int, DV: int) -> int:
+    """Row length (fp32 elements per batch x head) of the segment-carry buffer of G segments over NC chunks:
+    G states (C, n, m), G segment log decays, NC per-chunk log decays and NC per-chunk max-states (_carry_row)."""
+    return G * (DQK * DV + DQK + 2) + 2 * NC
+
+
+@triton.jit
+def _carry_row(carry_ptr, bh, W, G, DQK: tl.constexpr, DV: tl.constexpr):
+    """Pointers to the parts of row bh of the segment-carry buffer: per segment t, a state (C at the first
+    pointer + t DQK DV, n at the second + t DQK, m at the third + t) and a log decay (the fourth + t); per chunk
+    c, a log decay (the fifth + c) and the forward's local max-state (the fifth + NC + c). The forward keeps
+    there each segment's end state and the log decay of the carried state from the segment's start to its end
+    and to each chunk's start; the backward each segment's start gradient (dC, dn) and the log decay from the
+    segment's end back to its start and to each chunk's end. -inf where a document starts in between: nothing
+    is carried across. _fwd_carry reads the local m from here, not from ms, which it rewrites while other
+    programs of the same chunk still read."""
+    c_at = carry_ptr + bh * W
+    n_at = c_at + G * DQK * DV
+    m_at = n_at + G * DQK
+    return c_at, n_at, m_at, m_at + G, m_at + 2 * G
+
+
+@triton.jit
+def _store_segment(carry_ptr, bh, W, G, t, C, n, m, log_decay, ok, ov, kb, vb, DQK: tl.constexpr,
+                   DV: tl.constexpr):
+    """Store segment t's state (C tile, n block, m) and log decay in row bh of the carry buffer (_carry_row)."""
+    c_at, n_at, m_at, d_at, _ = _carry_row(carry_ptr, bh, W, G, DQK, DV)
+    tl.store(c_at + t * DQK * DV + ok[:, None] * DV + ov[None, :], C)
+    if vb == 0:
+        tl.store(n_at + t * DQK + ok, n)
+    if (kb == 0) & (vb == 0):
+        tl.store(m_at + t, m)
+        tl.store(d_at + t, log_decay)
+
+
+@triton.jit
+def _load_segment(carry_ptr, bh, W, G, t, ok, ov, DQK: tl.constexpr, DV: tl.constexpr):
+    """Segment t's state (C tile, n block, m) and log decay from row bh of the carry buffer (_carry_row)."""
+    c_at, n_at, m_at, d_at, _ = _carry_row(carry_ptr, bh, W, G, DQK, DV)
+    C = tl.load(c_at + t * DQK * DV + ok[:, None] * DV + ov[None, :])
+    return C, tl.load(n_at + t * DQK + ok), tl.load(m_at + t), tl.load(d_at + t)
+
+
+@triton.jit
+def _carry_in(C_loc, n_loc, m_loc, log_decay, C_in, n_in, m_in):
+    """The stabilised state after a stretch of chunks that started from the fresh state (C_loc, n_loc, m_loc:
+    the local state, scaled by e^-m_loc) when the state (C_in, n_in, m_in) entered the stretch instead, decayed
+    by e^log_decay across it. Unscaled, the state is linear in what entered: C = C_loc e^m_loc + C_in e^(m_in +
+    log_decay); the max-state is the max of the two exponents, as the sequential recurrence's m is a max over
+    the same terms (exact up to rounding). log_decay = -inf (a document started) keeps the local state."""
+    m = tl.maximum(m_loc, log_decay + m_in)
+    a = tl.exp(m_loc - m)
+    beta = tl.exp(log_decay + m_in - m)
+    return a * C_loc + beta * C_in, a * n_loc + beta * n_in, m
+
+
 @CompiledLaunch
 @triton.jit
 def _fwd_states(
@@ -111,12 +171,28 @@ def _fwd_states(
     c0_ptr, n0_ptr, m0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) initial state, fp32 (if HAS_INIT)
     cs_ptr, ns_ptr, ms_ptr,  # (B*NH, NC, DQK, DV) in input dtype, (B*NH, NC, DQK) fp32, (B*NH, NC+1) fp32
     cf_ptr, nf_ptr, mf_ptr,  # (B, NH, DQK, DV), (B, NH, DQK), (B, NH) final state, fp32 (if HAS_FINAL)
-    NH, S, NC,
+    carry_ptr,  # (B*NH, W) fp32: each segment's end state and decays (if SEGMENTED; layout: _carry_row)
+    NH, S, NC, K, G, W,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_FINAL: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-    bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """SEGMENTED (state_segments > 1 in _config): the chunks are cut into G segments of K, one program per
+    segment along grid axis 2 (with the DV tiles). Segment t > 0 starts from the fresh state, so every program
+    walks a chain of K chunk steps instead of NC, and stores its local states plus what _fwd_carry needs to
+    add the state carried in from the segments before: its end state and, per chunk, the log decay since the
+    segment's start (-inf once a document starts). Segment 0 starts from the initial state and is exact."""
+    bh, kb = tl.program_id(0), tl.program_id(1)
+    if SEGMENTED:
+        vb = tl.program_id(2) % (DV // BV)
+        t = tl.program_id(2) // (DV // BV)
+        c_lo = t * K
+        c_hi = tl.minimum(c_lo + K, NC)
+    else:
+        vb = tl.program_id(2)
+        t = 0
+        c_lo = 0
+        c_hi = NC
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
     k_ptr += bh * S * DQK
@@ -124,7 +200,12 @@ def _fwd_states(
     ig_ptr += bh * S
     fg_ptr += bh * S
     seg_ptr += (bh // NH) * S
-    if HAS_INIT:
+    if HAS_INIT and SEGMENTED:  # segment 0 only; the others' masked loads give the fresh state
+        C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :],
+                    mask=tl.full((BK, BV), 0, tl.int32) == t, other=0.0)
+        n = tl.load(n0_ptr + bh * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == t, other=0.0)
+        m = tl.where(t == 0, tl.load(m0_ptr + bh), FRESH_M)
+    elif HAS_INIT:
         C = tl.load(c0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
         n = tl.load(n0_ptr + bh * DQK + ok)
         m = tl.load(m0_ptr + bh)
@@ -132,15 +213,23 @@ def _fwd_states(
         C = tl.zeros((BK, BV), dtype=tl.float32)
         n = tl.zeros((BK,), dtype=tl.float32)
         m = tl.full([], FRESH_M, tl.float32)
-    if (kb == 0) & (vb == 0):
-        tl.store(ms_ptr + bh * (NC + 1), m)
+    if not SEGMENTED:
+        if (kb == 0) & (vb == 0):
+            tl.store(ms_ptr + bh * (NC + 1), m)
+    log_decay = tl.full([], 0.0, tl.float32)  # log of the decay from the segment's start to chunk c's
+    chunk_decay_at = _carry_row(carry_ptr, bh, W, G, DQK, DV)[4]
     # Only C, n, m carry over between chunks: chunk c+1's loads do not depend on chunk c, so the pipeliner may
     # issue them while chunk c computes (NUM_STAGES, see _config).
-    for c in tl.range(NC, num_stages=NUM_STAGES):
+    for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
         tl.store(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
                  C.to(cs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
+        if SEGMENTED:  # m entering each chunk (exact in segment 0, local in the others) and its decay
+            if (kb == 0) & (vb == 0):
+                tl.store(ms_ptr + bh * (NC + 1) + c, m, mask=t == 0)
+                tl.store(chunk_decay_at + c, log_decay)
+                tl.store(chunk_decay_at + NC + c, m)
         offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
             ig_ptr, fg_ptr, seg_ptr, c, S, L, HAS_DOC)
         a_last = tl.where(has_start_last, float("-inf"), b_last + m)  # with in_last: one reduction
@@ -154,14 +243,65 @@ def _fwd_states(
         C = g * C + tl.dot(tl.trans(kw.to(k.dtype)), v, input_precision=PREC)
         n = g * n + tl.sum(kw, 0)
         m = m_new
-        if (kb == 0) & (vb == 0):
-            tl.store(ms_ptr + bh * (NC + 1) + c + 1, m)
-    if HAS_FINAL:
+        if SEGMENTED:
+            log_decay = tl.where(has_start_last, float("-inf"), log_decay + b_last)
+        else:
+            if (kb == 0) & (vb == 0):
+                tl.store(ms_ptr + bh * (NC + 1) + c + 1, m)
+    if SEGMENTED:  # the segment's end: its local state and total log decay, for _fwd_carry
+        _store_segment(carry_ptr, bh, W, G, t, C, n, m, log_decay, ok, ov, kb, vb, DQK, DV)
+    elif HAS_FINAL:
         tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
         if vb == 0:
             tl.store(nf_ptr + bh * DQK + ok, n)
         if (kb == 0) & (vb == 0):
             tl.store(mf_ptr + bh, m)
+
+
+@CompiledLaunch
+@triton.jit
+def _fwd_carry(
+    carry_ptr,  # (B*NH, W) fp32 from the segmented _fwd_states
+    cs_ptr, ns_ptr, ms_ptr,  # chunk states of _fwd_states, corrected in place
+    cf_ptr, nf_ptr, mf_ptr,  # final state, fp32 (if HAS_FINAL)
+    NC, K, G, W,
+    DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
+):
+    """Adds to each local chunk state of segments 1..G-1 (one program per chunk c in K..NC-1 and per tile; c =
+    NC: the state after the last chunk, i.e. ms[NC] and the final state) the state carried in from the segments
+    before: segment 0's end state (exact), carried through segments 1..t-1 by their end states and decays.
+    Parallel over chunks and memory-bound: the carried state's walk is t - 1 steps of tiles from L2."""
+    c, bh = K + tl.program_id(0), tl.program_id(1)
+    kb = tl.program_id(2) // (DV // BV)
+    vb = tl.program_id(2) % (DV // BV)
+    ok = kb * BK + tl.arange(0, BK)
+    ov = vb * BV + tl.arange(0, BV)
+    t = tl.minimum(c // K, G - 1)
+    C_in, n_in, m_in, _ = _load_segment(carry_ptr, bh, W, G, 0, ok, ov, DQK, DV)
+    for s in range(1, t):
+        C_end, n_end, m_end, log_decay = _load_segment(carry_ptr, bh, W, G, s, ok, ov, DQK, DV)
+        C_in, n_in, m_in = _carry_in(C_end, n_end, m_end, log_decay, C_in, n_in, m_in)
+    tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
+    if c < NC:  # n: only the vb == 0 programs, which rewrite it, read it
+        C_loc = tl.load(cs_ptr + tile).to(tl.float32)
+        n_loc = tl.load(ns_ptr + (bh * NC + c) * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == vb, other=0.0)
+        log_decay = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + c)
+        m_loc = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + NC + c)
+    else:
+        C_loc, n_loc, m_loc, log_decay = _load_segment(carry_ptr, bh, W, G, G - 1, ok, ov, DQK, DV)
+    C, n, m = _carry_in(C_loc, n_loc, m_loc, log_decay, C_in, n_in, m_in)
+    if c < NC:
+        tl.store(cs_ptr + tile, C.to(cs_ptr.dtype.element_ty))
+        if vb == 0:
+            tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
+    elif HAS_FINAL:
+        tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
+        if vb == 0:
+            tl.store(nf_ptr + bh * DQK + ok, n)
+        if (kb == 0) & (vb == 0):
+            tl.store(mf_ptr + bh, m)
+    if (kb == 0) & (vb == 0):
+        tl.store(ms_ptr + bh * (NC + 1) + c, m)
 
 
 @CompiledLaunch
@@ -296,30 +436,53 @@ def _bwd_states(
                        # leaving each chunk
     dc0_ptr, dn0_ptr,  # (B, NH, DQK, DV), (B, NH, DQK) fp32 gradient of the initial state (if HAS_INIT)
     dden_ptr,  # (B, NH, S) fp32 gradient of den per position, from _bwd_dden
-    NH, S, NC, eps,
+    carry_ptr,  # (B*NH, W) fp32: each segment's start gradient and decays (if SEGMENTED; layout: _carry_row)
+    NH, S, NC, K, G, W, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    NUM_STAGES: tl.constexpr, DDEN_PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DDEN_PREFETCH: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     """DDEN_PREFETCH (dden_prefetch in _config): dden is loaded outside the `if vb == 0` branch, masked by vb == 0,
     so the pipeliner issues it ahead through cp.async like the other per-position loads; by default it is a
-    synchronous global load on the vb == 0 programs' chain. The same values either way."""
-    bh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    synchronous global load on the vb == 0 programs' chain. The same values either way.
+    SEGMENTED: as in _fwd_states, in reverse: segment t < G - 1 starts from a zero gradient at its end, and
+    _bwd_carry adds what flows back from the segments after it (the segment's start gradient and the log decay
+    to each chunk's end are stored for it). The decays use the forward's max-states, so nothing is rescaled."""
+    bh, kb = tl.program_id(0), tl.program_id(1)
+    if SEGMENTED:
+        vb = tl.program_id(2) % (DV // BV)
+        t = tl.program_id(2) // (DV // BV)
+        c_lo = t * K
+        c_hi = tl.minimum(c_lo + K, NC)
+    else:
+        vb = tl.program_id(2)
+        t = 0
+        c_lo = 0
+        c_hi = NC
     eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
-    if HAS_DFINAL:
+    if HAS_DFINAL and SEGMENTED:  # the last segment only; the others' masked loads give zero
+        dC = tl.load(dcf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :],
+                     mask=tl.full((BK, BV), 0, tl.int32) == t - (G - 1), other=0.0)
+        dn = tl.load(dnf_ptr + bh * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == t - (G - 1), other=0.0)
+    elif HAS_DFINAL:
         dC = tl.load(dcf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :])
         dn = tl.load(dnf_ptr + bh * DQK + ok)
     else:
         dC = tl.zeros((BK, BV), dtype=tl.float32)
         dn = tl.zeros((BK,), dtype=tl.float32)
-    for i in tl.range(NC, num_stages=NUM_STAGES):  # as in _fwd_states, only dC and dn carry over
-        c = NC - 1 - i
+    log_decay = tl.full([], 0.0, tl.float32)  # log of the decay from the segment's end back to chunk c's end
+    chunk_decay_at = _carry_row(carry_ptr, bh, W, G, DQK, DV)[4]
+    for i in tl.range(c_hi - c_lo, num_stages=NUM_STAGES):  # as in _fwd_states, only dC and dn carry over
+        c = c_hi - 1 - i
         tl.store(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :],
                  dC.to(dcs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
+        if SEGMENTED:
+            if (kb == 0) & (vb == 0):
+                tl.store(chunk_decay_at + c, log_decay)
         offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
             ig_ptr + bh * S, fg_ptr + bh * S, seg_ptr + (bh // NH) * S, c, S, L, HAS_DOC)
         m_c, m_next, m_i, rz, s_inter = _chunk_stabilisers(ms_ptr, mi_ptr, den_ptr, bh, c, NC, S, offs, valid,
@@ -335,10 +498,59 @@ def _bwd_states(
             if not DDEN_PREFETCH:
                 dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
             dn = g * dn + tl.sum(q.to(tl.float32) * (s_inter * dden)[:, None], 0)
-    if HAS_INIT:
+        if SEGMENTED:  # log g, as g above
+            log_decay = tl.where(has_start, float("-inf"), log_decay + b_last + m_c - m_next)
+    if SEGMENTED:  # the segment's start gradient and total log decay, for _bwd_carry (which writes dC0, dn0)
+        _store_segment(carry_ptr, bh, W, G, t, dC, dn, 0.0, log_decay, ok, ov, kb, vb, DQK, DV)
+    elif HAS_INIT:
         tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
         if vb == 0:
             tl.store(dn0_ptr + bh * DQK + ok, dn)
+
+
+@CompiledLaunch
+@triton.jit
+def _bwd_carry(
+    carry_ptr,  # (B*NH, W) fp32 from the segmented _bwd_states
+    dcs_ptr, dns_ptr,  # gradients of the states leaving each chunk, corrected in place
+    dc0_ptr, dn0_ptr,  # gradient of the initial state, fp32 (if HAS_INIT)
+    NC, K, G, W,
+    DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    """Adds to each local gradient of segments 0..G-2 (one program per chunk c < (G-1) K and per tile; c =
+    (G-1) K: the initial state's gradient) what flows back from the segments after: the last segment's start
+    gradient (exact: it started from the final state's gradient), carried back through segments G-2..t+1 by
+    their start gradients and decays (all in the forward's stabilised frame, decays <= 1)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    kb = tl.program_id(2) // (DV // BV)
+    vb = tl.program_id(2) % (DV // BV)
+    ok = kb * BK + tl.arange(0, BK)
+    ov = vb * BV + tl.arange(0, BV)
+    is_init = c == (G - 1) * K
+    t = tl.where(is_init, 0, c // K)
+    dC_in, dn_in, _, _ = _load_segment(carry_ptr, bh, W, G, G - 1, ok, ov, DQK, DV)
+    for i in range(0, G - 2 - t):
+        dC_start, dn_start, _, log_decay = _load_segment(carry_ptr, bh, W, G, G - 2 - i, ok, ov, DQK, DV)
+        dC_in = dC_start + tl.exp(log_decay) * dC_in
+        dn_in = dn_start + tl.exp(log_decay) * dn_in
+    tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
+    if is_init:
+        dC_loc, dn_loc, _, log_decay = _load_segment(carry_ptr, bh, W, G, 0, ok, ov, DQK, DV)
+    else:  # dn: only the vb == 0 programs, which rewrite it, read it
+        dC_loc = tl.load(dcs_ptr + tile).to(tl.float32)
+        dn_loc = tl.load(dns_ptr + (bh * NC + c) * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == vb, other=0.0)
+        log_decay = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + c)
+    dC = dC_loc + tl.exp(log_decay) * dC_in
+    dn = dn_loc + tl.exp(log_decay) * dn_in
+    if is_init:
+        if HAS_INIT:
+            tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
+            if vb == 0:
+                tl.store(dn0_ptr + bh * DQK + ok, dn)
+    else:
+        tl.store(dcs_ptr + tile, dC.to(dcs_ptr.dtype.element_ty))
+        if vb == 0:
+            tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
 
 
 @triton.jit
@@ -537,8 +749,10 @@ def _bwd_gates(
         tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
 
 
-_KERNELS = ("fwd_states", "fwd_output", "bwd_dden", "bwd_states", "bwd_grads", "bwd_dqdk", "bwd_dv", "bwd_gates")
+_KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
+            "bwd_dv", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
+_COUNTS = ("state_segments",)  # ints (None: chosen per call, _state_segments)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -625,13 +839,16 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states,
-               fwd_states=launch(4, NUM_STAGES=None), fwd_output=launch(8 if L * BVO > 4096 else 4),
-               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None),
+               dden_prefetch=pipelined_states, state_segments=None,
+               fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4), fwd_output=launch(8 if L * BVO > 4096 else 4),
+               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
                bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
+            cfg[key] = value
+        elif key in _COUNTS and (value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                                   and value >= 1)):
             cfg[key] = value
         elif key in _KERNELS and isinstance(value, dict) and set(value) <= set(cfg[key]):
             cfg[key] = {**cfg[key], **value}
@@ -643,6 +860,34 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
 
 
 _default_config = functools.lru_cache(maxsize=256)(_launch_config)
+
+
+MAX_SEGMENTS, MIN_SEGMENT_CHUNKS = 8, 4  # _state_segments' automatic choice
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _state_segments(requested: int | None, programs: int, NC: int, device: torch.device) -> tuple[int, int]:
+    """(G, K): the state kernels' chunks cut into G segments of K chunks (the last may be shorter).
+
+    The state kernels are a chain of NC dependent steps per program, and one step costs the latency of its whole
+    body (docs/kernels.md), so with one or two programs per SM their time is NC step latencies, whatever the
+    head count. Segments shorten the chain to K steps and multiply the programs by G; the carry passes then
+    add, in parallel over chunks, what crosses the segment edges. `requested` (state_segments in _config) or,
+    when None, on CUDA: the most segments (up to MAX_SEGMENTS) that keep the programs within two per SM, each
+    segment at least MIN_SEGMENT_CHUNKS long; on CPU (the interpreter) one."""
+    if requested is None:
+        requested = 1
+        if device.type == "cuda":
+            slots = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            while (requested < MAX_SEGMENTS and programs * requested * 2 <= slots
+                   and NC >= 2 * requested * MIN_SEGMENT_CHUNKS):
+                requested *= 2
+    K = cdiv(NC, min(requested, NC))
+    return cdiv(NC, K), K
 
 
 class _MLSTMChunkwise(torch.autograd.Function):
@@ -675,10 +920,18 @@ class _MLSTMChunkwise(torch.autograd.Function):
                      torch.empty(B, NH, device=dev, dtype=torch.float32))
         seg_arg = seg if seg is not None else ms
         init = (C0, n0, m0) if C0 is not None else (cs, ns, ms)
-        _fwd_states[(B * NH, DQK // BKs, DV // BVs)](
-            k, v, igate, fgate, seg_arg, *init, cs, ns, ms, *final, NH, S, NC,
+        tiles = (DQK // BKs) * (DV // BVs)
+        G, K = _state_segments(cfg["state_segments"], B * NH * tiles, NC, dev)
+        W = carry_width(G, NC, DQK, DV)
+        # the segments' end states and decays; the backward reuses the buffer for its own
+        carry = torch.empty(B * NH, W, device=dev, dtype=torch.float32) if G > 1 else ms
+        _fwd_states[(B * NH, DQK // BKs, DV // BVs * G)](
+            k, v, igate, fgate, seg_arg, *init, cs, ns, ms, *final, carry, NH, S, NC, K, G, W,
             DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, HAS_FINAL=with_state,
-            **cfg["fwd_states"], **flags)
+            SEGMENTED=G > 1, **cfg["fwd_states"], **flags)
+        if G > 1:
+            _fwd_carry[(NC + 1 - K, B * NH, tiles)](carry, cs, ns, ms, *final, NC, K, G, W, DQK=DQK, DV=DV,
+                                                    BK=BKs, BV=BVs, HAS_FINAL=with_state, **cfg["fwd_carry"])
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -688,6 +941,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, *final[:2] if with_state else ())
         ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state
+        ctx.segments, ctx.carry = (G, K, W), carry
         if not with_state:
             return h
         ctx.mark_non_differentiable(final[2])
@@ -715,10 +969,17 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dfinal = (dCf, dnf) if has_dfinal else (dcs, dns)
         dinit = (dC0, dn0) if ctx.has_init else (dcs, dns)
         _bwd_dden[(cdiv(S, 64), B * NH)](h, dh, den, mi, dden, S, eps, DV=DV, BS=64, BV=BV, **cfg["bwd_dden"])
-        _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"])](
-            q, dh, igate, fgate, seg_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, NH, S, NC, eps,
-            DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init, HAS_DFINAL=has_dfinal,
-            DDEN_PREFETCH=cfg["dden_prefetch"], **cfg["bwd_states"], **flags)
+        (G, K, W), carry = ctx.segments, ctx.carry
+        _bwd_states[(B * NH, DQK // cfg["BKS"], DV // cfg["BVS"] * G)](
+            q, dh, igate, fgate, seg_arg, ms, den, mi, *dfinal, dcs, dns, *dinit, dden, carry, NH, S, NC, K, G, W,
+            eps, DQK=DQK, DV=DV, L=L, BK=cfg["BKS"], BV=cfg["BVS"], HAS_INIT=ctx.has_init,
+            HAS_DFINAL=has_dfinal, DDEN_PREFETCH=cfg["dden_prefetch"], SEGMENTED=G > 1, **cfg["bwd_states"],
+            **flags)
+        if G > 1:
+            tiles = (DQK // cfg["BKS"]) * (DV // cfg["BVS"])
+            _bwd_carry[((G - 1) * K + ctx.has_init, B * NH, tiles)](
+                carry, dcs, dns, *dinit, NC, K, G, W, DQK=DQK, DV=DV, BK=cfg["BKS"], BV=cfg["BVS"],
+                HAS_INIT=ctx.has_init, **cfg["bwd_carry"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
         args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,

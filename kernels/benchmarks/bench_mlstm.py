@@ -72,6 +72,12 @@ LAUNCH_GRID = {
     "fwd_output:w4": {"fwd_output": {"num_warps": 4}},
     "fwd_output:w8": {"fwd_output": {"num_warps": 8}},
     "fwd_output:restructured": {"output_restructured": True},
+    # segments: the state kernels' chunk chain cut into G segments plus the carry passes (segments:1 = one chain)
+    "segments:1": {"state_segments": 1},
+    "segments:2": {"state_segments": 2},
+    "segments:4": {"state_segments": 4},
+    "segments:8": {"state_segments": 8},
+    "segments:16": {"state_segments": 16},
 }
 
 

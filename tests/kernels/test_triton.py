@@ -55,6 +55,9 @@ VARIANTS = {
     "dden_prefetch": dict(dden_prefetch=True, bwd_states={"NUM_STAGES": 3}),
     # the gate-gradient scan in blocks of 16 positions, so that its carry crosses blocks and documents
     "gate_blocks": dict(bwd_gates={"BS": 16}),
+    # the state kernels' chunks in 3 segments (fewer where there are fewer chunks), so that the carry passes
+    # walk across segments in both directions
+    "segments": dict(state_segments=3),
 }
 
 
@@ -124,7 +127,7 @@ def test_triton_extreme_gates_fp32(variant):
                             n_docs=4, gate_scale=10.0, variant=variant)
 
 
-@pytest.mark.parametrize("variant", ["default", "gate_blocks"])
+@pytest.mark.parametrize("variant", ["default", "gate_blocks", "segments"])
 def test_triton_documents_at_chunk_edges_fp32(variant):
     """Document starts where per-chunk bounds are easy to get wrong (chunks of 16): at a chunk's first position
     (16, 48), at its last (31), two in one chunk (40, 44), none in chunks 4-5, and one-token documents at the
