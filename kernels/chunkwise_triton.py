@@ -264,44 +264,51 @@ def _fwd_carry(
     carry_ptr,  # (B*NH, W) fp32 from the segmented _fwd_states
     cs_ptr, ns_ptr, ms_ptr,  # chunk states of _fwd_states, corrected in place
     cf_ptr, nf_ptr, mf_ptr,  # final state, fp32 (if HAS_FINAL)
-    NC, K, G, W,
+    NC, K, G, W, CB,
     DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
-    """Adds to each local chunk state of segments 1..G-1 (one program per chunk c in K..NC-1 and per tile; c =
-    NC: the state after the last chunk, i.e. ms[NC] and the final state) the state carried in from the segments
-    before: segment 0's end state (exact), carried through segments 1..t-1 by their end states and decays.
-    Parallel over chunks and memory-bound: the carried state's walk is t - 1 steps of tiles from L2."""
-    c, bh = K + tl.program_id(0), tl.program_id(1)
+    """Adds to each local chunk state of segments 1..G-1 the state carried in from the segments before: segment
+    0's end state (exact), carried through segments 1..t-1 by their end states and decays. One program per
+    block of CB chunks of one segment and per tile: memory-bound, so the carried state is formed once per
+    block (t - 1 steps of tiles from L2) and the chunks' loads are pipelined. The block holding the last chunk
+    also writes ms[NC] and the final state."""
+    nb = tl.cdiv(K, CB)
+    t = 1 + tl.program_id(0) // nb
+    c_lo = t * K + (tl.program_id(0) % nb) * CB
+    c_hi = tl.minimum(tl.minimum(c_lo + CB, t * K + K), NC)
+    bh = tl.program_id(1)
     kb = tl.program_id(2) // (DV // BV)
     vb = tl.program_id(2) % (DV // BV)
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
-    t = tl.minimum(c // K, G - 1)
     C_in, n_in, m_in, _ = _load_segment(carry_ptr, bh, W, G, 0, ok, ov, DQK, DV)
     for s in range(1, t):
         C_end, n_end, m_end, log_decay = _load_segment(carry_ptr, bh, W, G, s, ok, ov, DQK, DV)
         C_in, n_in, m_in = _carry_in(C_end, n_end, m_end, log_decay, C_in, n_in, m_in)
-    tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
-    if c < NC:  # n: only the vb == 0 programs, which rewrite it, read it
+    chunk_decay_at = _carry_row(carry_ptr, bh, W, G, DQK, DV)[4]
+    for c in tl.range(c_lo, c_hi, num_stages=2):
+        tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
         C_loc = tl.load(cs_ptr + tile).to(tl.float32)
+        # n: only the vb == 0 programs, which rewrite it, read it
         n_loc = tl.load(ns_ptr + (bh * NC + c) * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == vb, other=0.0)
-        log_decay = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + c)
-        m_loc = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + NC + c)
-    else:
-        C_loc, n_loc, m_loc, log_decay = _load_segment(carry_ptr, bh, W, G, G - 1, ok, ov, DQK, DV)
-    C, n, m = _carry_in(C_loc, n_loc, m_loc, log_decay, C_in, n_in, m_in)
-    if c < NC:
+        C, n, m = _carry_in(C_loc, n_loc, tl.load(chunk_decay_at + NC + c), tl.load(chunk_decay_at + c),
+                            C_in, n_in, m_in)
         tl.store(cs_ptr + tile, C.to(cs_ptr.dtype.element_ty))
         if vb == 0:
             tl.store(ns_ptr + (bh * NC + c) * DQK + ok, n)
-    elif HAS_FINAL:
-        tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
-        if vb == 0:
-            tl.store(nf_ptr + bh * DQK + ok, n)
         if (kb == 0) & (vb == 0):
-            tl.store(mf_ptr + bh, m)
-    if (kb == 0) & (vb == 0):
-        tl.store(ms_ptr + bh * (NC + 1) + c, m)
+            tl.store(ms_ptr + bh * (NC + 1) + c, m)
+    if (c_lo < NC) & (c_hi == NC):  # the state after the last chunk
+        C_loc, n_loc, m_loc, log_decay = _load_segment(carry_ptr, bh, W, G, G - 1, ok, ov, DQK, DV)
+        C, n, m = _carry_in(C_loc, n_loc, m_loc, log_decay, C_in, n_in, m_in)
+        if (kb == 0) & (vb == 0):
+            tl.store(ms_ptr + bh * (NC + 1) + NC, m)
+        if HAS_FINAL:
+            tl.store(cf_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], C)
+            if vb == 0:
+                tl.store(nf_ptr + bh * DQK + ok, n)
+            if (kb == 0) & (vb == 0):
+                tl.store(mf_ptr + bh, m)
 
 
 @CompiledLaunch
@@ -514,43 +521,42 @@ def _bwd_carry(
     carry_ptr,  # (B*NH, W) fp32 from the segmented _bwd_states
     dcs_ptr, dns_ptr,  # gradients of the states leaving each chunk, corrected in place
     dc0_ptr, dn0_ptr,  # gradient of the initial state, fp32 (if HAS_INIT)
-    NC, K, G, W,
+    NC, K, G, W, CB,
     DQK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    """Adds to each local gradient of segments 0..G-2 (one program per chunk c < (G-1) K and per tile; c =
-    (G-1) K: the initial state's gradient) what flows back from the segments after: the last segment's start
-    gradient (exact: it started from the final state's gradient), carried back through segments G-2..t+1 by
-    their start gradients and decays (all in the forward's stabilised frame, decays <= 1)."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    """Adds to each local gradient of segments 0..G-2 what flows back from the segments after: the last
+    segment's start gradient (exact: it started from the final state's gradient), carried back through
+    segments G-2..t+1 by their start gradients and decays (all in the forward's stabilised frame, decays <= 1).
+    Blocks of CB chunks as in _fwd_carry; the first block of segment 0 also writes the initial state's
+    gradient."""
+    nb = tl.cdiv(K, CB)
+    t = tl.program_id(0) // nb
+    c_lo = t * K + (tl.program_id(0) % nb) * CB
+    c_hi = tl.minimum(c_lo + CB, t * K + K)
+    bh = tl.program_id(1)
     kb = tl.program_id(2) // (DV // BV)
     vb = tl.program_id(2) % (DV // BV)
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
-    is_init = c == (G - 1) * K
-    t = tl.where(is_init, 0, c // K)
     dC_in, dn_in, _, _ = _load_segment(carry_ptr, bh, W, G, G - 1, ok, ov, DQK, DV)
     for i in range(0, G - 2 - t):
         dC_start, dn_start, _, log_decay = _load_segment(carry_ptr, bh, W, G, G - 2 - i, ok, ov, DQK, DV)
         dC_in = dC_start + tl.exp(log_decay) * dC_in
         dn_in = dn_start + tl.exp(log_decay) * dn_in
-    tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
-    if is_init:
-        dC_loc, dn_loc, _, log_decay = _load_segment(carry_ptr, bh, W, G, 0, ok, ov, DQK, DV)
-    else:  # dn: only the vb == 0 programs, which rewrite it, read it
-        dC_loc = tl.load(dcs_ptr + tile).to(tl.float32)
-        dn_loc = tl.load(dns_ptr + (bh * NC + c) * DQK + ok, mask=tl.full((BK,), 0, tl.int32) == vb, other=0.0)
-        log_decay = tl.load(_carry_row(carry_ptr, bh, W, G, DQK, DV)[4] + c)
-    dC = dC_loc + tl.exp(log_decay) * dC_in
-    dn = dn_loc + tl.exp(log_decay) * dn_in
-    if is_init:
-        if HAS_INIT:
-            tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC)
-            if vb == 0:
-                tl.store(dn0_ptr + bh * DQK + ok, dn)
-    else:
+    chunk_decay_at = _carry_row(carry_ptr, bh, W, G, DQK, DV)[4]
+    for c in tl.range(c_lo, c_hi, num_stages=2):
+        tile = (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]
+        decay = tl.exp(tl.load(chunk_decay_at + c))
+        dC = tl.load(dcs_ptr + tile).to(tl.float32) + decay * dC_in
         tl.store(dcs_ptr + tile, dC.to(dcs_ptr.dtype.element_ty))
         if vb == 0:
-            tl.store(dns_ptr + (bh * NC + c) * DQK + ok, dn)
+            tl.store(dns_ptr + (bh * NC + c) * DQK + ok, tl.load(dns_ptr + (bh * NC + c) * DQK + ok) + decay * dn_in)
+    if HAS_INIT:
+        if c_lo == 0:
+            dC_loc, dn_loc, _, log_decay = _load_segment(carry_ptr, bh, W, G, 0, ok, ov, DQK, DV)
+            tl.store(dc0_ptr + bh * DQK * DV + ok[:, None] * DV + ov[None, :], dC_loc + tl.exp(log_decay) * dC_in)
+            if vb == 0:
+                tl.store(dn0_ptr + bh * DQK + ok, dn_loc + tl.exp(log_decay) * dn_in)
 
 
 @triton.jit
@@ -752,7 +758,7 @@ def _bwd_gates(
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
             "bwd_dv", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
-_COUNTS = ("state_segments",)  # ints (None: chosen per call, _state_segments)
+_COUNTS = ("state_segments", "carry_block")  # ints (state_segments None: chosen per call, _state_segments)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
 
@@ -839,7 +845,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, state_segments=None,
+               dden_prefetch=pipelined_states, state_segments=None, carry_block=8,
                fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4), fwd_output=launch(8 if L * BVO > 4096 else 4),
                bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
@@ -930,8 +936,10 @@ class _MLSTMChunkwise(torch.autograd.Function):
             DQK=DQK, DV=DV, L=L, BK=BKs, BV=BVs, HAS_INIT=C0 is not None, HAS_FINAL=with_state,
             SEGMENTED=G > 1, **cfg["fwd_states"], **flags)
         if G > 1:
-            _fwd_carry[(NC + 1 - K, B * NH, tiles)](carry, cs, ns, ms, *final, NC, K, G, W, DQK=DQK, DV=DV,
-                                                    BK=BKs, BV=BVs, HAS_FINAL=with_state, **cfg["fwd_carry"])
+            CB = cfg["carry_block"]
+            _fwd_carry[((G - 1) * cdiv(K, CB), B * NH, tiles)](
+                carry, cs, ns, ms, *final, NC, K, G, W, CB, DQK=DQK, DV=DV, BK=BKs, BV=BVs,
+                HAS_FINAL=with_state, **cfg["fwd_carry"])
         h = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
         mi = torch.empty(B, NH, S, device=dev, dtype=torch.float32)
@@ -977,8 +985,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
             **flags)
         if G > 1:
             tiles = (DQK // cfg["BKS"]) * (DV // cfg["BVS"])
-            _bwd_carry[((G - 1) * K + ctx.has_init, B * NH, tiles)](
-                carry, dcs, dns, *dinit, NC, K, G, W, DQK=DQK, DV=DV, BK=cfg["BKS"], BV=cfg["BVS"],
+            CB = cfg["carry_block"]
+            _bwd_carry[((G - 1) * cdiv(K, CB), B * NH, tiles)](
+                carry, dcs, dns, *dinit, NC, K, G, W, CB, DQK=DQK, DV=DV, BK=cfg["BKS"], BV=cfg["BVS"],
                 HAS_INIT=ctx.has_init, **cfg["bwd_carry"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)

@@ -56,8 +56,8 @@ VARIANTS = {
     # the gate-gradient scan in blocks of 16 positions, so that its carry crosses blocks and documents
     "gate_blocks": dict(bwd_gates={"BS": 16}),
     # the state kernels' chunks in 3 segments (fewer where there are fewer chunks), so that the carry passes
-    # walk across segments in both directions
-    "segments": dict(state_segments=3),
+    # walk across segments in both directions, one chunk per carry program (several blocks per segment)
+    "segments": dict(state_segments=3, carry_block=1),
 }
 
 
