@@ -815,8 +815,11 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a);
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
     chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a).
-    bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks). The
-    defaults are the measured configuration; _launch_overrides changes them for sweeps and tests."""
+    bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks).
+    Counts: state_segments, the number of segments the state kernels' chunk chain is cut into (None: chosen per
+    call from the programs and the card's SMs, _state_segments), and carry_block, the chunks per program of the
+    carry passes (8: 4-16 timed alike on an H200, seventeenth session). The defaults are the measured
+    configuration; _launch_overrides changes them for sweeps and tests."""
     for d in (DQK, DV):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mlstm triton: head dims must be powers of two >= 16, got DQK={DQK}, DV={DV}")
@@ -846,15 +849,16 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
                dden_prefetch=pipelined_states, state_segments=None, carry_block=8,
-               fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4), fwd_output=launch(8 if L * BVO > 4096 else 4),
-               bwd_dden=launch(4), bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
+               fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4),
+               fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
+               bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
                bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
-        elif key in _COUNTS and (value is None or (isinstance(value, int) and not isinstance(value, bool)
-                                                   and value >= 1)):
+        elif key in _COUNTS and (isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                                 or value is None and key == "state_segments"):
             cfg[key] = value
         elif key in _KERNELS and isinstance(value, dict) and set(value) <= set(cfg[key]):
             cfg[key] = {**cfg[key], **value}
@@ -871,7 +875,7 @@ _default_config = functools.lru_cache(maxsize=256)(_launch_config)
 MAX_SEGMENTS, MIN_SEGMENT_CHUNKS = 8, 4  # _state_segments' automatic choice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -884,7 +888,13 @@ def _state_segments(requested: int | None, programs: int, NC: int, device: torch
     head count. Segments shorten the chain to K steps and multiply the programs by G; the carry passes then
     add, in parallel over chunks, what crosses the segment edges. `requested` (state_segments in _config) or,
     when None, on CUDA: the most segments (up to MAX_SEGMENTS) that keep the programs within two per SM, each
-    segment at least MIN_SEGMENT_CHUNKS long; on CPU (the interpreter) one."""
+    segment at least MIN_SEGMENT_CHUNKS long; on CPU (the interpreter) one.
+
+    Measured per-kernel on an H200 (132 SMs, seventeenth session, docs/kernels.md): with 128 programs ((1, 32,
+    16384, 128)) G = 2 took the state kernels from 338 + 325 to 254 + 260 us plus 45 + 40 us of carry passes,
+    while G = 4 cost 125 us per carry pass for 4 us less in the state kernels; with 18 programs ((2, 9, 16384,
+    64)) G = 8 took the whole forward+backward from 1156 to 645 us (G = 16: 648); with 72 programs ((8, 9,
+    4096, 64)) G = 2 was best (636 -> 616-621 us, G = 4: 621)."""
     if requested is None:
         requested = 1
         if device.type == "cuda":

@@ -140,6 +140,24 @@ def test_triton_documents_at_chunk_edges_fp32(variant):
                             variant=variant, segment_ids=starts.cumsum(1))
 
 
+def test_state_segments_choice(monkeypatch):
+    """The automatic segment count of the state kernels: the most segments (<= 8, each >= 4 chunks) that keep
+    their programs within two per SM; one on CPU; a requested count is capped by the chunks, and the segment
+    length K is what cuts NC into the fewest equal pieces."""
+    import xdistill_kernels.chunkwise_triton as ct
+
+    monkeypatch.setattr(ct, "_sm_count", lambda index: 132)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert ct._state_segments(None, 128, 128, cuda) == (2, 64)  # (1, 32, 16384, 128): 256 programs
+    assert ct._state_segments(None, 18, 128, cuda) == (8, 16)  # (2, 9, 16384, 64): at most 8 segments
+    assert ct._state_segments(None, 72, 32, cuda) == (2, 16)  # (8, 9, 4096, 64)
+    assert ct._state_segments(None, 18, 20, cuda) == (4, 5)  # segments of at least 4 chunks
+    assert ct._state_segments(None, 300, 128, cuda) == (1, 128)  # the card is full already
+    assert ct._state_segments(None, 18, 128, cpu) == (1, 128)
+    assert ct._state_segments(3, 1, 4, cpu) == (2, 2)
+    assert ct._state_segments(16, 1, 5, cpu) == (5, 1)
+
+
 def test_triton_fp32_gates_change_nothing():
     """gates_fp32 casts bf16 gates up before the kernels, which upcast every gate they load anyway: outputs and
     gradients are bitwise those of the default, and the gate gradients keep the gates' dtype."""
@@ -280,7 +298,8 @@ def test_split_set_runs_eagerly_inside_torch_compile(monkeypatch):
 
 def test_triton_rejects_unknown_launch_override():
     tensors, _, _ = make_inputs(1, 1, 8, 16, 16, dtype=torch.float32, device=DEVICE)
-    for bad in (dict(bwd_grads={"num_warp": 4}), dict(bwd_gradz={"num_warps": 4}), dict(split_bwd=1)):
+    for bad in (dict(bwd_grads={"num_warp": 4}), dict(bwd_gradz={"num_warps": 4}), dict(split_bwd=1),
+                dict(state_segments=0), dict(state_segments=True), dict(carry_block=None)):
         with _launch_overrides(**bad), pytest.raises(ValueError, match="unknown launch override"):
             mlstm(*tensors, backend="triton")
 
