@@ -18,7 +18,7 @@
 #   memory      SmolLM2 students (eager and compiled decode step), 1k-64k x batch 1/8/32: decode memory after
 #               the cache-leak fix, against the fifth session's same-process table (issue 9)  [11, H200 6th]
 #   gpu-tests   the GPU-marked tests of kernels and inference                                  [4, H200 6th]
-#   kernel-tests  the GPU-marked kernel tests alone (no teacher needed)                          [4.5, H200 13th]
+#   kernel-tests  the GPU-marked kernel tests alone (no teacher needed)                   [4.5, H200 13th and 17th]
 #   llama8b     Llama-3.1-8B shape, teacher + student, the student's decode step as a CUDA graph and also
 #               compiled: the graphed step alone ran 11.6 ms, 2.4x its 16 GB weight-read roofline (H100 8th),
 #               4k/32k/64k x batch 1/8 (issue 9)                              [8 without student_compiled, H100 8th]
@@ -42,6 +42,8 @@
 #   kernels-ab4k  the same A/B at the two S = 4096 shapes, with AB4K_BASELINES (S = 4096 is host-bound eagerly,
 #               so host-side changes are compared there)                                       [4, H100 15th]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
+#   kernels-segments  per-kernel GPU time of ours at state_segments 1, 2, 4, 8 (kernels/benchmarks/bench_segments.py;
+#               SEG_SHAPES indices, default all five; SEG_DOCS documents per row, default 0: one) (issue 3) [~2, guess]
 #   kernels-variants  ours under LAUNCH_GRID entries (bench_mlstm.py) against the defaults, eager and from CUDA graphs
 #               (the graphed times pick the winners), peers beside: SWEEP="name,name" (required), SWEEP_SHAPES
 #               (indices, default all five) (issue 3; docs/kernels.md)                                  [~6, guess]
@@ -102,6 +104,8 @@ job() {
         --graphs --profile $(printf -- '--baseline %s ' $baselines) ;;
     kernels-sweep) mkdir -p $ROOT/kernels && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels \
                --state-blocks 16,32,64 --launch-sweep ;;
+    kernels-segments) python3 kernels/benchmarks/bench_segments.py --out $ROOT/kernels-segments \
+        --shapes ${SEG_SHAPES:-all} --docs ${SEG_DOCS:-0} ;;
     kernels-variants) [[ -n ${SWEEP:-} ]] || { echo "kernels-variants: name the LAUNCH_GRID entries (SWEEP)" >&2; return 2; }
       mkdir -p $ROOT/kernels-variants && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-variants \
         --shapes ${SWEEP_SHAPES:-all} --chunks "" --graphs --launch-sweep "$SWEEP" ;;
@@ -160,7 +164,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* kernels-variants/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* kernels-variants/* kernels-segments/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;
