@@ -560,15 +560,92 @@ def _bwd_carry(
 
 
 @triton.jit
-def _row_dots(a_ptr, b_ptr, rows, mask, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
-    """(L, L) fp32 a_i . b_j over the chunk's rows of two row-major (., D) tensors, D in BD-wide blocks."""
-    acc = tl.zeros((L, L), dtype=tl.float32)
+def _row_dots(a_ptr, b_ptr, rows_a, rows_b, mask_a, mask_b, D: tl.constexpr, BD: tl.constexpr, LA: tl.constexpr,
+              LB: tl.constexpr, PREC: tl.constexpr):
+    """(LA, LB) fp32 a_i . b_j over rows rows_a of a and rows_b of b, two row-major (., D) tensors, D in BD-wide
+    blocks."""
+    acc = tl.zeros((LA, LB), dtype=tl.float32)
     for db in tl.static_range(D // BD):
         od = db * BD + tl.arange(0, BD)
-        a = tl.load(a_ptr + rows * D + od[None, :], mask=mask, other=0.0)
-        b = tl.load(b_ptr + rows * D + od[None, :], mask=mask, other=0.0)
+        a = tl.load(a_ptr + rows_a * D + od[None, :], mask=mask_a, other=0.0)
+        b = tl.load(b_ptr + rows_b * D + od[None, :], mask=mask_b, other=0.0)
         acc += tl.dot(a, tl.trans(b), input_precision=PREC)
     return acc
+
+
+@triton.jit
+def _halves(x, H: tl.constexpr):
+    """(x[:H], x[H:]) of a vector of 2H elements: Triton tensors have no slices."""
+    return tl.split(tl.permute(tl.reshape(x, (2, H)), (1, 0)))
+
+
+@triton.jit
+def _sub_logits(b_i, b_j, ig_j, valid_i, valid_j, doc_i, doc_j, DIAG: tl.constexpr, HAS_DOC: tl.constexpr,
+                H: tl.constexpr):
+    """(H, H) log weights of keys j for queries i, as _intra_logits, for one sub-tile of a chunk: DIAG (a
+    diagonal sub-tile) keeps j <= i, an off-diagonal one (queries after every key) keeps every valid pair."""
+    mask = valid_i[:, None] & valid_j[None, :]
+    if DIAG:
+        mask = mask & (tl.arange(0, H)[None, :] <= tl.arange(0, H)[:, None])
+    if HAS_DOC:
+        mask = mask & (doc_i[:, None] == doc_j[None, :])
+    return tl.where(mask, b_i[:, None] - b_j[None, :] + ig_j[None, :], float("-inf"))
+
+
+@triton.jit
+def _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, w,
+                     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """dv of chunk c from S's three causal H x H sub-tiles (H = L / 2): (first half of the queries, first half
+    of the keys), (second, first) and (second, second). The fourth, (first, second), is zero (keys after every
+    query) and skipped: a quarter fewer intra-chunk products, and H x H tiles in registers instead of L x L.
+    The same terms as the L x L form; only the fp32 summation order of dv changes."""
+    H: tl.constexpr = L // 2
+    offs0 = c * L + tl.arange(0, H)
+    offs1 = offs0 + H
+    valid0 = offs0 < S
+    valid1 = offs1 < S
+    rows0 = (bh * S + offs0)[:, None]
+    rows1 = (bh * S + offs1)[:, None]
+    b0, b1 = _halves(b, H)
+    ig0, ig1 = _halves(ig, H)
+    m0, m1 = _halves(m_i, H)
+    rz0, rz1 = _halves(rz, H)
+    w0, w1 = _halves(w, H)
+    if HAS_DOC:
+        doc0, doc1 = _halves(tl.cumsum(starts.to(tl.int32), 0), H)
+    else:
+        doc0 = tl.zeros((H,), dtype=tl.int32)
+        doc1 = doc0
+    dt = q_ptr.dtype.element_ty
+    S00 = _row_dots(q_ptr, k_ptr, rows0, rows0, valid0[:, None], valid0[:, None], DQK, BK, H, H, PREC)
+    S00 = (S00 * tl.exp(_sub_logits(b0, b0, ig0, valid0, valid0, doc0, doc0, True, HAS_DOC, H) - m0[:, None])).to(dt)
+    S10 = _row_dots(q_ptr, k_ptr, rows1, rows0, valid1[:, None], valid0[:, None], DQK, BK, H, H, PREC)
+    S10 = (S10 * tl.exp(_sub_logits(b1, b0, ig0, valid1, valid0, doc1, doc0, False, HAS_DOC, H) - m1[:, None])).to(dt)
+    S11 = _row_dots(q_ptr, k_ptr, rows1, rows1, valid1[:, None], valid1[:, None], DQK, BK, H, H, PREC)
+    S11 = (S11 * tl.exp(_sub_logits(b1, b1, ig1, valid1, valid1, doc1, doc1, True, HAS_DOC, H) - m1[:, None])).to(dt)
+    for vb in tl.static_range(DV // BV):
+        ov = vb * BV + tl.arange(0, BV)
+        dh0 = tl.load(dh_ptr + rows0 * DV + ov[None, :], mask=valid0[:, None], other=0.0)
+        dh1 = tl.load(dh_ptr + rows1 * DV + ov[None, :], mask=valid1[:, None], other=0.0)
+        dnum0 = (dh0.to(tl.float32) * rz0[:, None]).to(dt)
+        dnum1 = (dh1.to(tl.float32) * rz1[:, None]).to(dt)
+        dv0 = tl.dot(tl.trans(S00), dnum0, input_precision=PREC)
+        dv0 = tl.dot(tl.trans(S10), dnum1, dv0, input_precision=PREC)
+        dv1 = tl.dot(tl.trans(S11), dnum1, input_precision=PREC)
+        inter0 = tl.zeros((H, BV), dtype=tl.float32)
+        inter1 = tl.zeros((H, BV), dtype=tl.float32)
+        for kb in tl.static_range(DQK // BK):
+            ok = kb * BK + tl.arange(0, BK)
+            dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :]).to(dt)
+            k0 = tl.load(k_ptr + rows0 * DQK + ok[None, :], mask=valid0[:, None], other=0.0)
+            inter0 += tl.dot(k0, dC, input_precision=PREC)
+            k1 = tl.load(k_ptr + rows1 * DQK + ok[None, :], mask=valid1[:, None], other=0.0)
+            inter1 += tl.dot(k1, dC, input_precision=PREC)
+        dv0 += w0[:, None] * inter0
+        dv1 += w1[:, None] * inter1
+        tl.store(dv_ptr + rows0 * DV + ov[None, :], dv0.to(dv_ptr.dtype.element_ty), mask=valid0[:, None])
+        tl.store(dv_ptr + rows1 * DV + ov[None, :], dv1.to(dv_ptr.dtype.element_ty), mask=valid1[:, None])
 
 
 @triton.jit
@@ -599,14 +676,16 @@ def _bwd_grads(
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
-    DQDK_RESTRUCTURED: tl.constexpr,
+    DQDK_RESTRUCTURED: tl.constexpr, DV_SUBTILES: tl.constexpr,
 ):
     """DO_DQDK: dq, dk, q.dq and k.dk, which need the L x L matrix dS; DO_DV: dv, which needs S. Both (one
     kernel) or one per launch (split_bwd in _config): then each compiled kernel holds one of the two L x L
     tiles besides P, and unneeded loads are dropped; docs/kernels.md counts registers and bytes.
     DQDK_RESTRUCTURED (split dq/dk launch only, dqdk_restructured in _config): the same dq/dk math ordered for
     fewer live registers: dS cast to the input dtype once, dq finished (and stored) before dk starts, and each
-    inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs."""
+    inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs.
+    DV_SUBTILES (split dv launch only, dv_subtiles in _config): dv from the chunk's three causal half-size
+    sub-tiles (_bwd_dv_subtiles) instead of the L x L tile."""
     c, bh = tl.program_id(0), tl.program_id(1)
     eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
@@ -615,80 +694,85 @@ def _bwd_grads(
                                                        b, in_first, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
     w = tl.where(in_last, tl.exp(b_last - b + ig - m_next), 0.0)
-    P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
-    rows = (bh * S + offs)[:, None]
-    qkv_mask = valid[:, None]
+    if DV_SUBTILES:  # the split dv launch only
+        _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, w, DQK, DV, L,
+                         BK, BV, PREC, HAS_DOC)
+    else:
+        P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
+        rows = (bh * S + offs)[:, None]
+        qkv_mask = valid[:, None]
 
-    # Interleaved blocks keep the fused kernel's operation order, and so its code, as measured before the split.
-    if DO_DV:
-        qk = _row_dots(q_ptr, k_ptr, rows, qkv_mask, DQK, BK, L, PREC)
-    if DO_DQDK:
-        dhv = _row_dots(dh_ptr, v_ptr, rows, qkv_mask, DV, BV, L, PREC)
-    if DO_DV:
-        Smat = qk * P  # S_ij = q_i.k_j P_ij
-    if DO_DQDK:
-        dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
-        qdq = tl.zeros((L,), dtype=tl.float32)
-        kdk = tl.zeros((L,), dtype=tl.float32)
-        if DQDK_RESTRUCTURED:
-            dSc = dS.to(k_ptr.dtype.element_ty)  # cast once; dq and dk take dSc and its transpose
-            for kb in tl.static_range(DQK // BK):
-                ok = kb * BK + tl.arange(0, BK)
-                state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
-                dq_inter = _row_state_dots(dh_ptr, cs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
-                n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
-                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-                dq = tl.dot(dSc, k, (s_inter * rz)[:, None] * dq_inter + (s_inter * dden)[:, None] * n[None, :],
-                            input_precision=PREC)
-                tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
-                q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-                qdq += tl.sum(q.to(tl.float32) * dq, 1)
-                dk_inter = _row_state_dots(v_ptr, dcs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
-                dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
-                dk = tl.dot(tl.trans(dSc).to(q.dtype), q, w[:, None] * (dk_inter + dn[None, :]), input_precision=PREC)
-                tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
-                kdk += tl.sum(k.to(tl.float32) * dk, 1)
-        else:
-            for kb in tl.static_range(DQK // BK):
-                ok = kb * BK + tl.arange(0, BK)
-                q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-                n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
-                dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
-                dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
-                dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
-                dq_inter = tl.zeros((L, BK), dtype=tl.float32)
-                dk_inter = tl.zeros((L, BK), dtype=tl.float32)
-                for vb in tl.static_range(DV // BV):
-                    ov = vb * BV + tl.arange(0, BV)
-                    dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                    v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-                    C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+        # Interleaved blocks keep the fused kernel's operation order, and so its code, as measured before the split.
+        if DO_DV:
+            qk = _row_dots(q_ptr, k_ptr, rows, rows, qkv_mask, qkv_mask, DQK, BK, L, L, PREC)
+        if DO_DQDK:
+            dhv = _row_dots(dh_ptr, v_ptr, rows, rows, qkv_mask, qkv_mask, DV, BV, L, L, PREC)
+        if DO_DV:
+            Smat = qk * P  # S_ij = q_i.k_j P_ij
+        if DO_DQDK:
+            dS = (dhv * rz[:, None] + dden[:, None]) * P  # dL/d(q_i.k_j)
+            qdq = tl.zeros((L,), dtype=tl.float32)
+            kdk = tl.zeros((L,), dtype=tl.float32)
+            if DQDK_RESTRUCTURED:
+                dSc = dS.to(k_ptr.dtype.element_ty)  # cast once; dq and dk take dSc and its transpose
+                for kb in tl.static_range(DQK // BK):
+                    ok = kb * BK + tl.arange(0, BK)
+                    state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
+                    dq_inter = _row_state_dots(dh_ptr, cs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
+                    n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+                    k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                    dq = tl.dot(dSc, k, (s_inter * rz)[:, None] * dq_inter + (s_inter * dden)[:, None] * n[None, :],
+                                input_precision=PREC)
+                    tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+                    q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                    qdq += tl.sum(q.to(tl.float32) * dq, 1)
+                    dk_inter = _row_state_dots(v_ptr, dcs_ptr, rows, state_rows, qkv_mask, DV, BV, L, BK, PREC)
+                    dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+                    dk = tl.dot(tl.trans(dSc).to(q.dtype), q, w[:, None] * (dk_inter + dn[None, :]),
+                                input_precision=PREC)
+                    tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+                    kdk += tl.sum(k.to(tl.float32) * dk, 1)
+            else:
+                for kb in tl.static_range(DQK // BK):
+                    ok = kb * BK + tl.arange(0, BK)
+                    q = tl.load(q_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                    k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
+                    n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+                    dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+                    dq = tl.dot(dS.to(k.dtype), k, input_precision=PREC) + (s_inter * dden)[:, None] * n[None, :]
+                    dk = tl.dot(tl.trans(dS).to(q.dtype), q, input_precision=PREC)
+                    dq_inter = tl.zeros((L, BK), dtype=tl.float32)
+                    dk_inter = tl.zeros((L, BK), dtype=tl.float32)
+                    for vb in tl.static_range(DV // BV):
+                        ov = vb * BV + tl.arange(0, BV)
+                        dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                        v = tl.load(v_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                        C = tl.load(cs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                        dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
+                        dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
+                        dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
+                    dq += (s_inter * rz)[:, None] * dq_inter
+                    dk += w[:, None] * (dk_inter + dn[None, :])
+                    tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
+                    tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
+                    qdq += tl.sum(q.to(tl.float32) * dq, 1)
+                    kdk += tl.sum(k.to(tl.float32) * dk, 1)
+            tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
+            tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
+        if DO_DV:
+            for vb in tl.static_range(DV // BV):
+                ov = vb * BV + tl.arange(0, BV)
+                dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
+                dnum = (dh.to(tl.float32) * rz[:, None]).to(dh.dtype)
+                dv = tl.dot(tl.trans(Smat).to(dh.dtype), dnum, input_precision=PREC)
+                dv_inter = tl.zeros((L, BV), dtype=tl.float32)
+                for kb in tl.static_range(DQK // BK):
+                    ok = kb * BK + tl.arange(0, BK)
+                    k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
                     dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-                    dq_inter += tl.dot(dh, tl.trans(C.to(dh.dtype)), input_precision=PREC)
-                    dk_inter += tl.dot(v, tl.trans(dC.to(v.dtype)), input_precision=PREC)
-                dq += (s_inter * rz)[:, None] * dq_inter
-                dk += w[:, None] * (dk_inter + dn[None, :])
-                tl.store(dq_ptr + rows * DQK + ok[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qkv_mask)
-                tl.store(dk_ptr + rows * DQK + ok[None, :], dk.to(dk_ptr.dtype.element_ty), mask=qkv_mask)
-                qdq += tl.sum(q.to(tl.float32) * dq, 1)
-                kdk += tl.sum(k.to(tl.float32) * dk, 1)
-        tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
-        tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
-    if DO_DV:
-        for vb in tl.static_range(DV // BV):
-            ov = vb * BV + tl.arange(0, BV)
-            dh = tl.load(dh_ptr + rows * DV + ov[None, :], mask=qkv_mask, other=0.0)
-            dnum = (dh.to(tl.float32) * rz[:, None]).to(dh.dtype)
-            dv = tl.dot(tl.trans(Smat).to(dh.dtype), dnum, input_precision=PREC)
-            dv_inter = tl.zeros((L, BV), dtype=tl.float32)
-            for kb in tl.static_range(DQK // BK):
-                ok = kb * BK + tl.arange(0, BK)
-                k = tl.load(k_ptr + rows * DQK + ok[None, :], mask=qkv_mask, other=0.0)
-                dC = tl.load(dcs_ptr + (bh * NC + c) * DQK * DV + ok[:, None] * DV + ov[None, :])
-                dv_inter += tl.dot(k, dC.to(k.dtype), input_precision=PREC)
-            dv += w[:, None] * dv_inter
-            tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
+                    dv_inter += tl.dot(k, dC.to(k.dtype), input_precision=PREC)
+                dv += w[:, None] * dv_inter
+                tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
 @triton.jit
@@ -757,7 +841,7 @@ def _bwd_gates(
 
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
             "bwd_dv", "bwd_gates")
-_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch")
+_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles")
 _COUNTS = ("state_segments", "carry_block")  # ints (state_segments None: chosen per call, _state_segments)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
@@ -814,7 +898,9 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     L = 128, D = 128 (offline, sm_90a); output_restructured compiles _fwd_output with its OUT_RESTRUCTURED
     block (fewer live L x L / L x BV fp32 tiles; spills less at L = 128, D = 128, offline, sm_90a);
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
-    chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a).
+    chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a);
+    dv_subtiles (needs split_bwd; applies from L = 32) compiles the split dv launch with _bwd_dv_subtiles: the
+    chunk's three causal half-size sub-tiles instead of the L x L tile (not timed yet).
     bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks).
     Counts: state_segments, the number of segments the state kernels' chunk chain is cut into (None: chosen per
     call from the programs and the card's SMs, _state_segments), and carry_block, the chunks per program of the
@@ -848,7 +934,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, state_segments=None, carry_block=8,
+               dden_prefetch=pipelined_states, dv_subtiles=False, state_segments=None, carry_block=8,
                fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4),
                fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
                bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
@@ -864,8 +950,9 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
             cfg[key] = {**cfg[key], **value}
         else:
             raise ValueError(f"mlstm triton: unknown launch override {key}={value!r}")
-    if cfg["dqdk_restructured"] and not cfg["split_bwd"]:
-        raise ValueError("mlstm triton: dqdk_restructured applies to the split backward only (split_bwd=True)")
+    for flag in ("dqdk_restructured", "dv_subtiles"):
+        if cfg[flag] and not cfg["split_bwd"]:
+            raise ValueError(f"mlstm triton: {flag} applies to the split backward only (split_bwd=True)")
     return cfg
 
 
@@ -1007,6 +1094,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
+                                     DV_SUBTILES=cfg["dv_subtiles"] and not do_dqdk and L >= 32,
                                      **cfg[launch], **flags)
         d_final = den  # (unread without a final state)
         if has_dfinal:

@@ -213,8 +213,14 @@ class _LaunchSpy:
         # _bwd_states' dden loaded outside its vb == 0 branch, masked: the same values (two DV blocks, so a
         # program with vb > 0 whose mask is off)
         ({}, dict(dden_prefetch=True), 32, True, "_bwd_states", "DDEN_PREFETCH"),
+        # the split dv launch from three causal half-size sub-tiles: chunks of 32 (a document starts at the
+        # first chunk's second half, so its off-diagonal sub-tile is masked whole; the second chunk's upper half
+        # lies past S) and of 64 (one chunk: the off-diagonal sub-tile across document starts, the upper half
+        # partly past S)
+        (dict(split_bwd=True), dict(split_bwd=True, dv_subtiles=True), 32, False, "_bwd_grads", "DV_SUBTILES"),
+        (dict(split_bwd=True), dict(split_bwd=True, dv_subtiles=True), 64, False, "_bwd_grads", "DV_SUBTILES"),
     ],
-    ids=["dqdk_restructured", "output_restructured", "dden_prefetch"],
+    ids=["dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles32", "dv_subtiles64"],
 )
 def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chunk, exact, kernel, constexpr,
                                                          monkeypatch):
@@ -266,9 +272,10 @@ def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
         assert _rel(x, r) < 5e-5, (i, _rel(x, r))
 
 
-def test_triton_dqdk_restructured_needs_the_split():
+@pytest.mark.parametrize("flag", ["dqdk_restructured", "dv_subtiles"])
+def test_triton_split_only_flags_need_the_split(flag):
     tensors, _, _ = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE)
-    with _launch_overrides(dqdk_restructured=True), pytest.raises(ValueError, match="split backward only"):
+    with _launch_overrides(**{flag: True}), pytest.raises(ValueError, match="split backward only"):
         mlstm(*tensors, backend="triton", chunk_size=16)  # L = 16: split_bwd is off
 
 
