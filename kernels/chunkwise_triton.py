@@ -663,6 +663,88 @@ def _row_state_dots(x_ptr, st_ptr, rows, state_rows, mask, DV: tl.constexpr, BV:
     return acc
 
 
+@triton.jit
+def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, qdq_ptr, kdk_ptr,
+                       bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w,
+                       DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """dq, dk, q.dq and k.dk of chunk c from dS's three causal H x H sub-tiles (H = L / 2), as _bwd_dv_subtiles,
+    in the order of the restructured block (each inter-chunk part the accumulator of its intra-chunk dot): per
+    DQK block, dq of each query half, then dk of each key half. The same terms; only fp32 summation order
+    changes."""
+    H: tl.constexpr = L // 2
+    offs0 = c * L + tl.arange(0, H)
+    offs1 = offs0 + H
+    valid0 = offs0 < S
+    valid1 = offs1 < S
+    rows0 = (bh * S + offs0)[:, None]
+    rows1 = (bh * S + offs1)[:, None]
+    b0, b1 = _halves(b, H)
+    ig0, ig1 = _halves(ig, H)
+    m0, m1 = _halves(m_i, H)
+    rz0, rz1 = _halves(rz, H)
+    si0, si1 = _halves(s_inter, H)
+    dd0, dd1 = _halves(dden, H)
+    w0, w1 = _halves(w, H)
+    if HAS_DOC:
+        doc0, doc1 = _halves(tl.cumsum(starts.to(tl.int32), 0), H)
+    else:
+        doc0 = tl.zeros((H,), dtype=tl.int32)
+        doc1 = doc0
+    dt = q_ptr.dtype.element_ty
+    dS00 = _row_dots(dh_ptr, v_ptr, rows0, rows0, valid0[:, None], valid0[:, None], DV, BV, H, H, PREC)
+    dS00 = ((dS00 * rz0[:, None] + dd0[:, None])
+            * tl.exp(_sub_logits(b0, b0, ig0, valid0, valid0, doc0, doc0, True, HAS_DOC, H) - m0[:, None])).to(dt)
+    dS10 = _row_dots(dh_ptr, v_ptr, rows1, rows0, valid1[:, None], valid0[:, None], DV, BV, H, H, PREC)
+    dS10 = ((dS10 * rz1[:, None] + dd1[:, None])
+            * tl.exp(_sub_logits(b1, b0, ig0, valid1, valid0, doc1, doc0, False, HAS_DOC, H) - m1[:, None])).to(dt)
+    dS11 = _row_dots(dh_ptr, v_ptr, rows1, rows1, valid1[:, None], valid1[:, None], DV, BV, H, H, PREC)
+    dS11 = ((dS11 * rz1[:, None] + dd1[:, None])
+            * tl.exp(_sub_logits(b1, b1, ig1, valid1, valid1, doc1, doc1, True, HAS_DOC, H) - m1[:, None])).to(dt)
+    qdq0 = tl.zeros((H,), dtype=tl.float32)
+    qdq1 = tl.zeros((H,), dtype=tl.float32)
+    kdk0 = tl.zeros((H,), dtype=tl.float32)
+    kdk1 = tl.zeros((H,), dtype=tl.float32)
+    for kb in tl.static_range(DQK // BK):  # dq of both query halves, then dk (fewer live tiles)
+        ok = kb * BK + tl.arange(0, BK)
+        state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
+        n = tl.load(ns_ptr + (bh * NC + c) * DQK + ok)
+        k0 = tl.load(k_ptr + rows0 * DQK + ok[None, :], mask=valid0[:, None], other=0.0)
+        dq0 = _row_state_dots(dh_ptr, cs_ptr, rows0, state_rows, valid0[:, None], DV, BV, H, BK, PREC)
+        dq0 = tl.dot(dS00, k0, (si0 * rz0)[:, None] * dq0 + (si0 * dd0)[:, None] * n[None, :], input_precision=PREC)
+        tl.store(dq_ptr + rows0 * DQK + ok[None, :], dq0.to(dq_ptr.dtype.element_ty), mask=valid0[:, None])
+        q0 = tl.load(q_ptr + rows0 * DQK + ok[None, :], mask=valid0[:, None], other=0.0)
+        qdq0 += tl.sum(q0.to(tl.float32) * dq0, 1)
+        dq1 = _row_state_dots(dh_ptr, cs_ptr, rows1, state_rows, valid1[:, None], DV, BV, H, BK, PREC)
+        dq1 = tl.dot(dS10, k0, (si1 * rz1)[:, None] * dq1 + (si1 * dd1)[:, None] * n[None, :], input_precision=PREC)
+        k1 = tl.load(k_ptr + rows1 * DQK + ok[None, :], mask=valid1[:, None], other=0.0)
+        dq1 = tl.dot(dS11, k1, dq1, input_precision=PREC)
+        tl.store(dq_ptr + rows1 * DQK + ok[None, :], dq1.to(dq_ptr.dtype.element_ty), mask=valid1[:, None])
+        q1 = tl.load(q_ptr + rows1 * DQK + ok[None, :], mask=valid1[:, None], other=0.0)
+        qdq1 += tl.sum(q1.to(tl.float32) * dq1, 1)
+    for kb in tl.static_range(DQK // BK):
+        ok = kb * BK + tl.arange(0, BK)
+        state_rows = (bh * NC + c) * DQK * DV + ok[:, None] * DV
+        dn = tl.load(dns_ptr + (bh * NC + c) * DQK + ok)
+        q0 = tl.load(q_ptr + rows0 * DQK + ok[None, :], mask=valid0[:, None], other=0.0)
+        q1 = tl.load(q_ptr + rows1 * DQK + ok[None, :], mask=valid1[:, None], other=0.0)
+        dk0 = _row_state_dots(v_ptr, dcs_ptr, rows0, state_rows, valid0[:, None], DV, BV, H, BK, PREC)
+        dk0 = tl.dot(tl.trans(dS00), q0, w0[:, None] * (dk0 + dn[None, :]), input_precision=PREC)
+        dk0 = tl.dot(tl.trans(dS10), q1, dk0, input_precision=PREC)
+        tl.store(dk_ptr + rows0 * DQK + ok[None, :], dk0.to(dk_ptr.dtype.element_ty), mask=valid0[:, None])
+        k0 = tl.load(k_ptr + rows0 * DQK + ok[None, :], mask=valid0[:, None], other=0.0)
+        kdk0 += tl.sum(k0.to(tl.float32) * dk0, 1)
+        dk1 = _row_state_dots(v_ptr, dcs_ptr, rows1, state_rows, valid1[:, None], DV, BV, H, BK, PREC)
+        dk1 = tl.dot(tl.trans(dS11), q1, w1[:, None] * (dk1 + dn[None, :]), input_precision=PREC)
+        tl.store(dk_ptr + rows1 * DQK + ok[None, :], dk1.to(dk_ptr.dtype.element_ty), mask=valid1[:, None])
+        k1 = tl.load(k_ptr + rows1 * DQK + ok[None, :], mask=valid1[:, None], other=0.0)
+        kdk1 += tl.sum(k1.to(tl.float32) * dk1, 1)
+    tl.store(qdq_ptr + bh * S + offs0, qdq0, mask=valid0)
+    tl.store(qdq_ptr + bh * S + offs1, qdq1, mask=valid1)
+    tl.store(kdk_ptr + bh * S + offs0, kdk0, mask=valid0)
+    tl.store(kdk_ptr + bh * S + offs1, kdk1, mask=valid1)
+
+
 @CompiledLaunch
 @triton.jit
 def _bwd_grads(
@@ -676,7 +758,7 @@ def _bwd_grads(
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
-    DQDK_RESTRUCTURED: tl.constexpr, DV_SUBTILES: tl.constexpr,
+    DQDK_RESTRUCTURED: tl.constexpr, DV_SUBTILES: tl.constexpr, DQDK_SUBTILES: tl.constexpr,
 ):
     """DO_DQDK: dq, dk, q.dq and k.dk, which need the L x L matrix dS; DO_DV: dv, which needs S. Both (one
     kernel) or one per launch (split_bwd in _config): then each compiled kernel holds one of the two L x L
@@ -685,7 +767,8 @@ def _bwd_grads(
     fewer live registers: dS cast to the input dtype once, dq finished (and stored) before dk starts, and each
     inter-chunk part passed as the accumulator of the intra-chunk dot; only the fp32 summation order differs.
     DV_SUBTILES (split dv launch only, dv_subtiles in _config): dv from the chunk's three causal half-size
-    sub-tiles (_bwd_dv_subtiles) instead of the L x L tile."""
+    sub-tiles (_bwd_dv_subtiles) instead of the L x L tile; DQDK_SUBTILES (split dq/dk launch only, dqdk_subtiles)
+    likewise dq, dk, q.dq and k.dk (_bwd_dqdk_subtiles)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     offs, valid, b, ig, b_last, starts, in_first, in_last, has_start, has_start_last = _chunk_gates(
@@ -697,6 +780,10 @@ def _bwd_grads(
     if DV_SUBTILES:  # the split dv launch only
         _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, w, DQK, DV, L,
                          BK, BV, PREC, HAS_DOC)
+    elif DQDK_SUBTILES:  # the split dq/dk launch only
+        _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, qdq_ptr,
+                           kdk_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w, DQK, DV, L, BK, BV, PREC,
+                           HAS_DOC)
     else:
         P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
         rows = (bh * S + offs)[:, None]
@@ -841,7 +928,8 @@ def _bwd_gates(
 
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
             "bwd_dv", "bwd_gates")
-_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles")
+_FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles",
+          "dqdk_subtiles")
 _COUNTS = ("state_segments", "carry_block")  # ints (state_segments None: chosen per call, _state_segments)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
@@ -900,7 +988,8 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
     chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a);
     dv_subtiles (needs split_bwd; applies from L = 32) compiles the split dv launch with _bwd_dv_subtiles: the
-    chunk's three causal half-size sub-tiles instead of the L x L tile (not timed yet).
+    chunk's three causal half-size sub-tiles instead of the L x L tile, dqdk_subtiles the same for the split
+    dq/dk launch (neither timed yet).
     bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks).
     Counts: state_segments, the number of segments the state kernels' chunk chain is cut into (None: chosen per
     call from the programs and the card's SMs, _state_segments), and carry_block, the chunks per program of the
@@ -934,7 +1023,8 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, dv_subtiles=False, state_segments=None, carry_block=8,
+               dden_prefetch=pipelined_states, dv_subtiles=False, dqdk_subtiles=False,
+               state_segments=None, carry_block=8,
                fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4),
                fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
                bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
@@ -950,7 +1040,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
             cfg[key] = {**cfg[key], **value}
         else:
             raise ValueError(f"mlstm triton: unknown launch override {key}={value!r}")
-    for flag in ("dqdk_restructured", "dv_subtiles"):
+    for flag in ("dqdk_restructured", "dv_subtiles", "dqdk_subtiles"):
         if cfg[flag] and not cfg["split_bwd"]:
             raise ValueError(f"mlstm triton: {flag} applies to the split backward only (split_bwd=True)")
     return cfg
@@ -1095,6 +1185,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
             _bwd_grads[(NC, B * NH)](*args, DQK=DQK, DV=DV, L=L, BK=BK, BV=BV, DO_DQDK=do_dqdk, DO_DV=do_dv,
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      DV_SUBTILES=cfg["dv_subtiles"] and not do_dqdk and L >= 32,
+                                     DQDK_SUBTILES=cfg["dqdk_subtiles"] and not do_dv and L >= 32,
                                      **cfg[launch], **flags)
         d_final = den  # (unread without a final state)
         if has_dfinal:

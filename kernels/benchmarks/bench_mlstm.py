@@ -69,10 +69,14 @@ LAUNCH_GRID = {
     "grads:split_dv4": {"split_bwd": True, "bwd_dv": {"num_warps": 4}},
     "grads:split_w4": {"split_bwd": True, "bwd_dqdk": {"num_warps": 4}, "bwd_dv": {"num_warps": 4}},
     "grads:split_dv4_dqdkr": {"split_bwd": True, "dqdk_restructured": True, "bwd_dv": {"num_warps": 4}},
-    # dv from the chunk's three causal half-size sub-tiles (the split dv launch; offline at L = 128, D = 128 its
-    # spills drop from 448 to 140 B at 4 warps, to 0 at 8)
+    # dv (and dq/dk) from the chunk's three causal half-size sub-tiles, skipping the all-zero quarter (the split
+    # launches; offline at L = 128, D = 128 the dv launch's spills drop from 448 to 140 B at 4 warps, to 0 at 8,
+    # while the dq/dk launch's rise from 36 to 128 B)
     "grads:split_dvsub": {"split_bwd": True, "dv_subtiles": True},
     "grads:split_dvsub_dv8": {"split_bwd": True, "dv_subtiles": True, "bwd_dv": {"num_warps": 8}},
+    "grads:split_subtiles": {"split_bwd": True, "dv_subtiles": True, "dqdk_subtiles": True},
+    "grads:split_subtiles_dv8": {"split_bwd": True, "dv_subtiles": True, "dqdk_subtiles": True,
+                                 "bwd_dv": {"num_warps": 8}},
     "fwd_output:w4": {"fwd_output": {"num_warps": 4}},
     "fwd_output:w8": {"fwd_output": {"num_warps": 8}},
     "fwd_output:restructured": {"output_restructured": True},

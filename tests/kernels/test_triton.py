@@ -219,8 +219,12 @@ class _LaunchSpy:
         # partly past S)
         (dict(split_bwd=True), dict(split_bwd=True, dv_subtiles=True), 32, False, "_bwd_grads", "DV_SUBTILES"),
         (dict(split_bwd=True), dict(split_bwd=True, dv_subtiles=True), 64, False, "_bwd_grads", "DV_SUBTILES"),
+        # the split dq/dk launch from the same three sub-tiles, same chunks
+        (dict(split_bwd=True), dict(split_bwd=True, dqdk_subtiles=True), 32, False, "_bwd_grads", "DQDK_SUBTILES"),
+        (dict(split_bwd=True), dict(split_bwd=True, dqdk_subtiles=True), 64, False, "_bwd_grads", "DQDK_SUBTILES"),
     ],
-    ids=["dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles32", "dv_subtiles64"],
+    ids=["dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles32", "dv_subtiles64",
+         "dqdk_subtiles32", "dqdk_subtiles64"],
 )
 def test_triton_reordering_variants_equal_their_baseline(baseline, variant, chunk, exact, kernel, constexpr,
                                                          monkeypatch):
@@ -272,7 +276,7 @@ def test_triton_gradients_when_outputs_are_unused(outputs, monkeypatch):
         assert _rel(x, r) < 5e-5, (i, _rel(x, r))
 
 
-@pytest.mark.parametrize("flag", ["dqdk_restructured", "dv_subtiles"])
+@pytest.mark.parametrize("flag", ["dqdk_restructured", "dv_subtiles", "dqdk_subtiles"])
 def test_triton_split_only_flags_need_the_split(flag):
     tensors, _, _ = make_inputs(1, 2, 45, 128, 128, dtype=torch.float32, device=DEVICE)
     with _launch_overrides(**{flag: True}), pytest.raises(ValueError, match="split backward only"):
