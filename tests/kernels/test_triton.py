@@ -7,10 +7,10 @@ while leaving room for rounding. GPU tests (marked) run realistic sizes in bf16;
 explained there.
 
 Every launch variant of the Triton path (kernels/chunkwise_triton.py, _config) runs through the same checks:
-the split backward (and its restructured dq/dk block), the restructured _fwd_output and _bwd_states' hoisted
-dden load are other compiled code; pipelining depths, warps and fp32 gates change only how the kernels are
-scheduled and loaded (the interpreter ignores them), so on CPU they check the launch plumbing and on a GPU the
-compiled code.
+the split backward (and its restructured dq/dk block), the restructured _fwd_output, _bwd_states' hoisted
+dden load and the state kernels cut into segments (with their carry passes) are other compiled code;
+pipelining depths, warps and fp32 gates change only how the kernels are scheduled and loaded (the interpreter
+ignores them), so on CPU they check the launch plumbing and on a GPU the compiled code.
 """
 
 import contextlib
