@@ -162,6 +162,23 @@ def _carry_in(C_loc, n_loc, m_loc, log_decay, C_in, n_in, m_in):
     return a * C_loc + beta * C_in, a * n_loc + beta * n_in, m
 
 
+@triton.jit
+def _segment_span(NC, K, DV: tl.constexpr, BV: tl.constexpr, SEGMENTED: tl.constexpr):
+    """A state-kernel program's DV tile vb, segment t and chunk range [c_lo, c_hi) from grid axis 2, which holds
+    the DV tiles and, if SEGMENTED, the segments of K chunks (otherwise one segment: all NC chunks)."""
+    if SEGMENTED:
+        vb = tl.program_id(2) % (DV // BV)
+        t = tl.program_id(2) // (DV // BV)
+        c_lo = t * K
+        c_hi = tl.minimum(c_lo + K, NC)
+    else:
+        vb = tl.program_id(2)
+        t = 0
+        c_lo = 0
+        c_hi = NC
+    return vb, t, c_lo, c_hi
+
+
 @CompiledLaunch
 @triton.jit
 def _fwd_states(
@@ -183,16 +200,7 @@ def _fwd_states(
     add the state carried in from the segments before: its end state and, per chunk, the log decay since the
     segment's start (-inf once a document starts). Segment 0 starts from the initial state and is exact."""
     bh, kb = tl.program_id(0), tl.program_id(1)
-    if SEGMENTED:
-        vb = tl.program_id(2) % (DV // BV)
-        t = tl.program_id(2) // (DV // BV)
-        c_lo = t * K
-        c_hi = tl.minimum(c_lo + K, NC)
-    else:
-        vb = tl.program_id(2)
-        t = 0
-        c_lo = 0
-        c_hi = NC
+    vb, t, c_lo, c_hi = _segment_span(NC, K, DV, BV, SEGMENTED)
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
     k_ptr += bh * S * DQK
@@ -456,16 +464,7 @@ def _bwd_states(
     _bwd_carry adds what flows back from the segments after it (the segment's start gradient and the log decay
     to each chunk's end are stored for it). The decays use the forward's max-states, so nothing is rescaled."""
     bh, kb = tl.program_id(0), tl.program_id(1)
-    if SEGMENTED:
-        vb = tl.program_id(2) % (DV // BV)
-        t = tl.program_id(2) // (DV // BV)
-        c_lo = t * K
-        c_hi = tl.minimum(c_lo + K, NC)
-    else:
-        vb = tl.program_id(2)
-        t = 0
-        c_lo = 0
-        c_hi = NC
+    vb, t, c_lo, c_hi = _segment_span(NC, K, DV, BV, SEGMENTED)
     eps = tl.cast(eps, tl.float32)  # as in _fwd_output
     ok = kb * BK + tl.arange(0, BK)
     ov = vb * BV + tl.arange(0, BV)
@@ -580,16 +579,33 @@ def _halves(x, H: tl.constexpr):
 
 
 @triton.jit
-def _sub_logits(b_i, b_j, ig_j, valid_i, valid_j, doc_i, doc_j, DIAG: tl.constexpr, HAS_DOC: tl.constexpr,
+def _chunk_halves(bh, c, S, starts, L: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The two halves of chunk c, H = L / 2 positions each: positions, validity, row offsets into (B*NH*S, .)
+    tensors, and document indices (a cumsum of the chunk's starts; zeros without documents)."""
+    H: tl.constexpr = L // 2
+    offs0 = c * L + tl.arange(0, H)
+    offs1 = offs0 + H
+    if HAS_DOC:
+        doc0, doc1 = _halves(tl.cumsum(starts.to(tl.int32), 0), H)
+    else:
+        doc0 = tl.zeros((H,), dtype=tl.int32)
+        doc1 = doc0
+    return (offs0, offs1, offs0 < S, offs1 < S, (bh * S + offs0)[:, None], (bh * S + offs1)[:, None], doc0,
+            doc1)
+
+
+@triton.jit
+def _sub_decays(b_i, b_j, ig_j, m_i, valid_i, valid_j, doc_i, doc_j, DIAG: tl.constexpr, HAS_DOC: tl.constexpr,
                 H: tl.constexpr):
-    """(H, H) log weights of keys j for queries i, as _intra_logits, for one sub-tile of a chunk: DIAG (a
-    diagonal sub-tile) keeps j <= i, an off-diagonal one (queries after every key) keeps every valid pair."""
+    """(H, H) gated decays exp(b_i - b_j + ig_j - m_i) of keys j for queries i, as P from _intra_logits, for one
+    sub-tile of a chunk: DIAG (a diagonal sub-tile) keeps j <= i, an off-diagonal one (queries after every key)
+    keeps every valid pair; masked pairs are 0."""
     mask = valid_i[:, None] & valid_j[None, :]
     if DIAG:
         mask = mask & (tl.arange(0, H)[None, :] <= tl.arange(0, H)[:, None])
     if HAS_DOC:
         mask = mask & (doc_i[:, None] == doc_j[None, :])
-    return tl.where(mask, b_i[:, None] - b_j[None, :] + ig_j[None, :], float("-inf"))
+    return tl.exp(tl.where(mask, b_i[:, None] - b_j[None, :] + ig_j[None, :], float("-inf")) - m_i[:, None])
 
 
 @triton.jit
@@ -601,29 +617,19 @@ def _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig,
     query) and skipped: a quarter fewer intra-chunk products, and H x H tiles in registers instead of L x L.
     The same terms as the L x L form; only the fp32 summation order of dv changes."""
     H: tl.constexpr = L // 2
-    offs0 = c * L + tl.arange(0, H)
-    offs1 = offs0 + H
-    valid0 = offs0 < S
-    valid1 = offs1 < S
-    rows0 = (bh * S + offs0)[:, None]
-    rows1 = (bh * S + offs1)[:, None]
+    offs0, offs1, valid0, valid1, rows0, rows1, doc0, doc1 = _chunk_halves(bh, c, S, starts, L, HAS_DOC)
     b0, b1 = _halves(b, H)
     ig0, ig1 = _halves(ig, H)
     m0, m1 = _halves(m_i, H)
     rz0, rz1 = _halves(rz, H)
     w0, w1 = _halves(w, H)
-    if HAS_DOC:
-        doc0, doc1 = _halves(tl.cumsum(starts.to(tl.int32), 0), H)
-    else:
-        doc0 = tl.zeros((H,), dtype=tl.int32)
-        doc1 = doc0
     dt = q_ptr.dtype.element_ty
     S00 = _row_dots(q_ptr, k_ptr, rows0, rows0, valid0[:, None], valid0[:, None], DQK, BK, H, H, PREC)
-    S00 = (S00 * tl.exp(_sub_logits(b0, b0, ig0, valid0, valid0, doc0, doc0, True, HAS_DOC, H) - m0[:, None])).to(dt)
+    S00 = (S00 * _sub_decays(b0, b0, ig0, m0, valid0, valid0, doc0, doc0, True, HAS_DOC, H)).to(dt)
     S10 = _row_dots(q_ptr, k_ptr, rows1, rows0, valid1[:, None], valid0[:, None], DQK, BK, H, H, PREC)
-    S10 = (S10 * tl.exp(_sub_logits(b1, b0, ig0, valid1, valid0, doc1, doc0, False, HAS_DOC, H) - m1[:, None])).to(dt)
+    S10 = (S10 * _sub_decays(b1, b0, ig0, m1, valid1, valid0, doc1, doc0, False, HAS_DOC, H)).to(dt)
     S11 = _row_dots(q_ptr, k_ptr, rows1, rows1, valid1[:, None], valid1[:, None], DQK, BK, H, H, PREC)
-    S11 = (S11 * tl.exp(_sub_logits(b1, b1, ig1, valid1, valid1, doc1, doc1, True, HAS_DOC, H) - m1[:, None])).to(dt)
+    S11 = (S11 * _sub_decays(b1, b1, ig1, m1, valid1, valid1, doc1, doc1, True, HAS_DOC, H)).to(dt)
     for vb in tl.static_range(DV // BV):
         ov = vb * BV + tl.arange(0, BV)
         dh0 = tl.load(dh_ptr + rows0 * DV + ov[None, :], mask=valid0[:, None], other=0.0)
@@ -673,12 +679,7 @@ def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns
     DQK block, dq of each query half, then dk of each key half. The same terms; only fp32 summation order
     changes."""
     H: tl.constexpr = L // 2
-    offs0 = c * L + tl.arange(0, H)
-    offs1 = offs0 + H
-    valid0 = offs0 < S
-    valid1 = offs1 < S
-    rows0 = (bh * S + offs0)[:, None]
-    rows1 = (bh * S + offs1)[:, None]
+    offs0, offs1, valid0, valid1, rows0, rows1, doc0, doc1 = _chunk_halves(bh, c, S, starts, L, HAS_DOC)
     b0, b1 = _halves(b, H)
     ig0, ig1 = _halves(ig, H)
     m0, m1 = _halves(m_i, H)
@@ -686,21 +687,16 @@ def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns
     si0, si1 = _halves(s_inter, H)
     dd0, dd1 = _halves(dden, H)
     w0, w1 = _halves(w, H)
-    if HAS_DOC:
-        doc0, doc1 = _halves(tl.cumsum(starts.to(tl.int32), 0), H)
-    else:
-        doc0 = tl.zeros((H,), dtype=tl.int32)
-        doc1 = doc0
     dt = q_ptr.dtype.element_ty
     dS00 = _row_dots(dh_ptr, v_ptr, rows0, rows0, valid0[:, None], valid0[:, None], DV, BV, H, H, PREC)
     dS00 = ((dS00 * rz0[:, None] + dd0[:, None])
-            * tl.exp(_sub_logits(b0, b0, ig0, valid0, valid0, doc0, doc0, True, HAS_DOC, H) - m0[:, None])).to(dt)
+            * _sub_decays(b0, b0, ig0, m0, valid0, valid0, doc0, doc0, True, HAS_DOC, H)).to(dt)
     dS10 = _row_dots(dh_ptr, v_ptr, rows1, rows0, valid1[:, None], valid0[:, None], DV, BV, H, H, PREC)
     dS10 = ((dS10 * rz1[:, None] + dd1[:, None])
-            * tl.exp(_sub_logits(b1, b0, ig0, valid1, valid0, doc1, doc0, False, HAS_DOC, H) - m1[:, None])).to(dt)
+            * _sub_decays(b1, b0, ig0, m1, valid1, valid0, doc1, doc0, False, HAS_DOC, H)).to(dt)
     dS11 = _row_dots(dh_ptr, v_ptr, rows1, rows1, valid1[:, None], valid1[:, None], DV, BV, H, H, PREC)
     dS11 = ((dS11 * rz1[:, None] + dd1[:, None])
-            * tl.exp(_sub_logits(b1, b1, ig1, valid1, valid1, doc1, doc1, True, HAS_DOC, H) - m1[:, None])).to(dt)
+            * _sub_decays(b1, b1, ig1, m1, valid1, valid1, doc1, doc1, True, HAS_DOC, H)).to(dt)
     qdq0 = tl.zeros((H,), dtype=tl.float32)
     qdq1 = tl.zeros((H,), dtype=tl.float32)
     kdk0 = tl.zeros((H,), dtype=tl.float32)
