@@ -14,7 +14,8 @@ head) or part of it:
                          segments, then _bwd_carry, as in the forward)
            _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position; optionally as
                          two launches, dq/dk and dv (split_bwd)
-           _bwd_gates    sequential over each row in reverse: the gate gradients from q.dq and k.dk
+           _bwd_gates    parallel over blocks of positions: the gate gradients from q.dq and k.dk, each
+                         block's suffix sums carried in from _bwd_grads' per-chunk sums
 
 Launch settings of every kernel (warps, pipelining depths, the split) come from _config; _launch_overrides is
 the private hook through which the benchmark sweeps them.
@@ -739,6 +740,24 @@ def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns
     tl.store(qdq_ptr + bh * S + offs1, qdq1, mask=valid1)
     tl.store(kdk_ptr + bh * S + offs0, kdk0, mask=valid0)
     tl.store(kdk_ptr + bh * S + offs1, kdk1, mask=valid1)
+    return qdq0 - kdk0, qdq1 - kdk1
+
+
+@triton.jit
+def _first_doc_sum(db, n_first, lo: tl.constexpr, N: tl.constexpr):
+    """Sum of db (N,), the chunk's positions lo .. lo + N - 1, over those among its first n_first: the positions
+    still in the document that entered the chunk. (A count, not the (L,) mask in_first: one scalar stays live
+    across the backward's dots instead of a vector, which spilled more at L = 128; offline, sm_90a.)"""
+    return tl.sum(tl.where(lo + tl.arange(0, N) < n_first, db, 0.0), 0)
+
+
+@triton.jit
+def _store_chunk_db(dbc_ptr, bh, NC, c, first_doc_sum, has_start):
+    """Row bh, chunk c of the (B*NH, NC, 2) fp32 chunk sums _bwd_gates carries with: the sum of
+    q.dq - k.dk over the chunk's positions in the document that entered it, and whether a document starts in
+    the chunk (1.0: the suffix sums of positions before it stop there)."""
+    tl.store(dbc_ptr + (bh * NC + c) * 2, first_doc_sum)
+    tl.store(dbc_ptr + (bh * NC + c) * 2 + 1, tl.where(has_start, 1.0, 0.0))
 
 
 @CompiledLaunch
@@ -751,6 +770,7 @@ def _bwd_grads(
     dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
     dq_ptr, dk_ptr, dv_ptr,  # outputs, input dtype
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
+    dbc_ptr,  # (B*NH, NC, 2) fp32 output: each chunk's sums for _bwd_gates (_store_chunk_db)
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
@@ -773,13 +793,16 @@ def _bwd_grads(
                                                        b, in_first, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
     w = tl.where(in_last, tl.exp(b_last - b + ig - m_next), 0.0)
+    n_first = tl.sum(in_first.to(tl.int32), 0)  # for _bwd_gates' chunk sums (_first_doc_sum)
     if DV_SUBTILES:  # the split dv launch only
         _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, w, DQK, DV, L,
                          BK, BV, PREC, HAS_DOC)
     elif DQDK_SUBTILES:  # the split dq/dk launch only
-        _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, qdq_ptr,
-                           kdk_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w, DQK, DV, L, BK, BV, PREC,
-                           HAS_DOC)
+        db0, db1 = _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr,
+                                      qdq_ptr, kdk_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w, DQK,
+                                      DV, L, BK, BV, PREC, HAS_DOC)
+        first_doc_sum = _first_doc_sum(db0, n_first, 0, L // 2) + _first_doc_sum(db1, n_first, L // 2, L // 2)
+        _store_chunk_db(dbc_ptr, bh, NC, c, first_doc_sum, has_start)
     else:
         P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
         rows = (bh * S + offs)[:, None]
@@ -842,6 +865,7 @@ def _bwd_grads(
                     kdk += tl.sum(k.to(tl.float32) * dk, 1)
             tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
             tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
+            _store_chunk_db(dbc_ptr, bh, NC, c, _first_doc_sum(qdq - kdk, n_first, 0, L), has_start)
         if DO_DV:
             for vb in tl.static_range(DV // BV):
                 ov = vb * BV + tl.arange(0, BV)
@@ -869,11 +893,12 @@ def _restart_add(v_a, restart_a, v_b, restart_b):
 @triton.jit
 def _bwd_gates(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
+    dbc_ptr,  # (B*NH, NC, 2) fp32 from _bwd_grads: each chunk's sums (_store_chunk_db)
     fg_ptr, seg_ptr,  # (B, NH, S) forget-gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     dfin_ptr,  # (B, NH) fp32: C.dC + n.dn of the final state (if HAS_DFINAL)
     dig_ptr, dfg_ptr,  # (B, NH, S) outputs in the gates' dtypes
-    NH, S,
-    BS: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    NH, S, NC,
+    L: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     """Gate gradients. Every key enters the outputs and states as k_j exp(igate_j - b_j) and every query as
     q_i exp(b_i), with b the cumulative log forget gate, so dL/digate_j = k_j.dk_j and dL/db_t = q_t.dq_t -
@@ -881,45 +906,59 @@ def _bwd_gates(
     t >= s; within other documents those terms cancel exactly, so dL/dfgate_s = sigmoid(-fgate_s) times the sum
     over t >= s in the document of s, and the forget gate at a document start (where the state resets) gets none.
 
-    One program per (batch, head) row walks it from the end in blocks of BS positions, each loaded last position
-    first, so that the suffix sums are an inclusive scan (restarting at document changes) plus the running sum
-    carried from the block after. No prefix sums are subtracted, so fp32 loses nothing to cancellation. With
-    documents the scan is segmented: it restarts at each position after which a document starts (ids differ
-    from the next position's), and the carried sum, which belongs to the document of the block after's first
-    position, enters at the block's first element unless a document starts right after it. Blocks without a
-    start run the plain scan instead of the segmented one, a scan of (value, flag) pairs."""
-    bh = tl.program_id(0)
-    i = tl.arange(0, BS)
-    carry = 0.0  # suffix sum at the first position of the block after
-    seg_ptr += (bh // NH) * S
-    for r in range(0, tl.cdiv(S, BS)):
-        offs = S - 1 - (r * BS + i)
-        valid = offs >= 0
-        kdk = tl.load(kdk_ptr + bh * S + offs, mask=valid, other=0.0)
-        db = tl.load(qdq_ptr + bh * S + offs, mask=valid, other=0.0) - kdk
-        if HAS_DFINAL:
-            db += tl.where(offs == S - 1, tl.load(dfin_ptr + bh), 0.0)
+    One program per block of BS positions (a multiple of L: whole chunks) of a (batch, head) row, in parallel.
+    What the suffix sums carry into the block from after its end is summed from _bwd_grads' chunk sums: the
+    chunks after the block up to the first one in which a document starts, of which only the part before the
+    start counts (BC chunk sums per load), and the final state's term if no document starts after the block.
+    The block is then loaded last position first, so that its suffix sums are an inclusive scan (restarting at
+    document changes) plus that carry. No prefix sums are subtracted, so fp32 loses nothing to cancellation.
+    With documents the scan is segmented: it restarts at each position after which a document starts (ids
+    differ from the next position's), and the carry enters at the block's first element unless a document
+    starts right after it. Blocks without a start run the plain scan instead of the segmented one, a scan of
+    (value, flag) pairs."""
+    p, bh = tl.program_id(0), tl.program_id(1)
+    carry = 0.0  # suffix sum at the first position after the block
+    starts_after = 0.0  # document starts in the chunks summed so far
+    for c0 in range((p + 1) * (BS // L), NC, BC):
+        cs = c0 + tl.arange(0, BC)
+        sums = tl.load(dbc_ptr + (bh * NC + cs) * 2, mask=cs < NC, other=0.0)
         if HAS_DOC:
-            seg = tl.load(seg_ptr + offs, mask=valid, other=0)
-            seg_after = tl.load(seg_ptr + offs + 1, mask=valid & (offs < S - 1), other=0)
-            seg_before = tl.load(seg_ptr + offs - 1, mask=offs > 0, other=0)
-            # along the scan (decreasing positions) a run restarts after every document start; the carried sum
-            # enters at the first element unless a run restarts there
-            restart = valid & (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
-            if tl.max(restart.to(tl.int32), 0) > 0:  # most blocks hold no start: the plain scan below
-                db += tl.where((i == 0) & ~restart, carry, 0.0)
-                dlf = tl.associative_scan((db, restart.to(tl.int32)), 0, _restart_add)[0]
-            else:
-                dlf = tl.cumsum(db, 0) + carry
+            flags = tl.load(dbc_ptr + (bh * NC + cs) * 2 + 1, mask=cs < NC, other=0.0)
+            # a chunk counts if no document starts in a chunk before it (its own start ends its part already)
+            sums = tl.where(starts_after + tl.cumsum(flags, 0) - flags == 0.0, sums, 0.0)
+            starts_after += tl.sum(flags, 0)
+        carry += tl.sum(sums, 0)
+    i = tl.arange(0, BS)
+    offs = (p + 1) * BS - 1 - i
+    valid = offs < S
+    kdk = tl.load(kdk_ptr + bh * S + offs, mask=valid, other=0.0)
+    db = tl.load(qdq_ptr + bh * S + offs, mask=valid, other=0.0) - kdk
+    if HAS_DFINAL:
+        dfin = tl.load(dfin_ptr + bh)
+        db += tl.where(offs == S - 1, dfin, 0.0)
+        # a block before the last position: the final state's term reaches it unless a document starts between
+        carry += tl.where(((p + 1) * BS < S) & (starts_after == 0.0), dfin, 0.0)
+    if HAS_DOC:
+        seg_ptr += (bh // NH) * S
+        seg = tl.load(seg_ptr + offs, mask=valid, other=0)
+        seg_after = tl.load(seg_ptr + offs + 1, mask=offs < S - 1, other=0)
+        seg_before = tl.load(seg_ptr + offs - 1, mask=valid & (offs > 0), other=0)
+        # along the scan (decreasing positions) a run restarts after every document start; the carry enters at
+        # the first element unless a run restarts there
+        restart = (offs < S - 1) & (seg_after != seg)  # offs + 1 starts a document
+        if tl.max(restart.to(tl.int32), 0) > 0:  # most blocks hold no start: the plain scan below
+            db += tl.where((i == 0) & ~restart, carry, 0.0)
+            dlf = tl.associative_scan((db, restart.to(tl.int32)), 0, _restart_add)[0]
         else:
             dlf = tl.cumsum(db, 0) + carry
-        carry = tl.sum(tl.where(i == BS - 1, dlf, 0.0), 0)
-        fg = tl.load(fg_ptr + bh * S + offs, mask=valid, other=0.0).to(tl.float32)
-        dfg = dlf * tl.sigmoid(-fg)
-        if HAS_DOC:
-            dfg = tl.where((offs > 0) & (seg != seg_before), 0.0, dfg)
-        tl.store(dfg_ptr + bh * S + offs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
-        tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
+    else:
+        dlf = tl.cumsum(db, 0) + carry
+    fg = tl.load(fg_ptr + bh * S + offs, mask=valid, other=0.0).to(tl.float32)
+    dfg = dlf * tl.sigmoid(-fg)
+    if HAS_DOC:
+        dfg = tl.where((offs > 0) & (seg != seg_before), 0.0, dfg)
+    tl.store(dfg_ptr + bh * S + offs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
+    tl.store(dig_ptr + bh * S + offs, kdk.to(dig_ptr.dtype.element_ty), mask=valid)
 
 
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
@@ -984,9 +1023,11 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     dden_prefetch compiles _bwd_states with the dden load outside its `if vb == 0` branch (masked), so the
     chunk loop's pipeliner prefetches it instead of waiting on it every step (offline TTGIR, sm_90a);
     dv_subtiles (needs split_bwd; applies from L = 32) compiles the split dv launch with _bwd_dv_subtiles: the
-    chunk's three causal half-size sub-tiles instead of the L x L tile, dqdk_subtiles the same for the split
-    dq/dk launch (neither timed yet).
-    bwd_gates' BS is the block of positions its scan takes per step (the tests shrink it to cross blocks).
+    chunk's three causal half-size sub-tiles instead of the L x L tile (on at L = 128, head dim 128: 2.314 ->
+    2.268 ms at (1, 32, 16384, 128) and 8.919 -> 8.754 at 65536 from CUDA graphs, H200, eighteenth session);
+    dqdk_subtiles the same for the split dq/dk launch (slower there: 2.268 -> 2.691 ms with both).
+    bwd_gates' BS is the block of positions per program (at least L; the tests shrink it to cross blocks), BC
+    the chunk sums it reads per load to sum what is carried into the block.
     Counts: state_segments, the number of segments the state kernels' chunk chain is cut into (None: chosen per
     call from the programs and the card's SMs, _state_segments), and carry_block, the chunks per program of the
     carry passes (8: 4-16 timed alike on an H200, seventeenth session). The defaults are the measured
@@ -1012,20 +1053,19 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     # those two blocks lost (docs/benchmarks.md, "Twelfth session").
     pipelined_states = L == 128
     long_128 = L == 128 and DV == 128
-    # _bwd_gates: one program per row walks it in blocks; 2048 positions and 16 warps per step took 0.61x the
-    # time of 1024 and 4 warps at (1, 32, 65536) and 0.37x with 8 documents (H100, bench_gates.py, fourteenth
-    # session; 0.65x / 0.42x at 16384): fewer, wider steps on the row's sequential chain
-    gates_block = min(2048, max(16, next_power_of_2(S)))
+    # _bwd_gates: one program per block of a row, the blocks in parallel (eighteenth session; before, one program
+    # walked each row, and its chain of steps took 24 us at (1, 32, 16384, 128), 41 with 8 documents, H200)
+    gates_block = min(1024, max(16, next_power_of_2(S)))
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, dv_subtiles=False, dqdk_subtiles=False,
+               dden_prefetch=pipelined_states, dv_subtiles=long_128, dqdk_subtiles=False,
                state_segments=None, carry_block=8,
                fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4),
                fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
                bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
-               bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block))
+               bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block, BC=256))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
@@ -1174,7 +1214,8 @@ class _MLSTMChunkwise(torch.autograd.Function):
                 HAS_INIT=ctx.has_init, **cfg["bwd_carry"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
-        args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
+        dbc = torch.empty(B * NH, NC, 2, device=q.device, dtype=torch.float32)
+        args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk, dbc,
                 NH, S, NC, eps)
         split = [(True, False, "bwd_dqdk"), (False, True, "bwd_dv")]
         for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
@@ -1190,8 +1231,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ig_dtype, fg_dtype = ctx.gate_dtypes
         dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
-        _bwd_gates[(B * NH,)](qdq, kdk, fgate, seg_arg, d_final, dig, dfg, NH, S, HAS_DOC=seg is not None,
-                              HAS_DFINAL=has_dfinal, **cfg["bwd_gates"])
+        gates = dict(cfg["bwd_gates"], BS=max(cfg["bwd_gates"]["BS"], L))  # whole chunks per block
+        _bwd_gates[(cdiv(S, gates["BS"]), B * NH)](qdq, kdk, dbc, fgate, seg_arg, d_final, dig, dfg, NH, S, NC, L=L,
+                                                   HAS_DOC=seg is not None, HAS_DFINAL=has_dfinal, **gates)
         return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None, None
 
 

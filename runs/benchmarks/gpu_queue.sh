@@ -44,6 +44,8 @@
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-segments  per-kernel GPU time of ours at state_segments 1, 2, 4, 8 (kernels/benchmarks/bench_segments.py;
 #               SEG_SHAPES indices, default all five; SEG_DOCS documents per row, default 0: one) (issue 3) [~2, guess]
+#   kernels-gates  the gate-gradient kernel alone over block sizes and warps (kernels/benchmarks/bench_gates.py)
+#               (issue 3)                                                                       [~2, guess]
 #   kernels-variants  ours under LAUNCH_GRID entries (bench_mlstm.py) against the defaults, eager and from CUDA graphs
 #               (the graphed times pick the winners), peers beside: SWEEP="name,name" (required), SWEEP_SHAPES
 #               (indices, default all five) (issue 3; docs/kernels.md)                                  [~6, guess]
@@ -106,6 +108,7 @@ job() {
                --state-blocks 16,32,64 --launch-sweep ;;
     kernels-segments) python3 kernels/benchmarks/bench_segments.py --out $ROOT/kernels-segments \
         --shapes ${SEG_SHAPES:-all} --docs ${SEG_DOCS:-0} ;;
+    kernels-gates) mkdir -p $ROOT/kernels-gates && python3 kernels/benchmarks/bench_gates.py --out $ROOT/kernels-gates ;;
     kernels-variants) [[ -n ${SWEEP:-} ]] || { echo "kernels-variants: name the LAUNCH_GRID entries (SWEEP)" >&2; return 2; }
       mkdir -p $ROOT/kernels-variants && python3 kernels/benchmarks/bench_mlstm.py --out $ROOT/kernels-variants \
         --shapes ${SWEEP_SHAPES:-all} --chunks "" --graphs --launch-sweep "$SWEEP" ;;
@@ -164,7 +167,7 @@ case ${1:-} in
     # checkpoints stay behind: the small FSDP runs' last.ckpt alone made the tarball 4.3 GB (ninth session)
     (cd "$ROOT" && tar czf "$out/bench.tgz" --ignore-failed-read --exclude='*.ckpt' --exclude=checkpoints \
        $(ls -d */results.json */inference.* */profile.md \
-       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* kernels-variants/* kernels-segments/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
+       stage2.md kernels/bench_mlstm.* kernels-trace/* kernels-ab/* kernels-ab4k/* kernels-variants/* kernels-segments/* kernels-gates/* queue*.log fsdp/summary.* fsdp/fsdp.png fsdp/logs fsdp/tb \
        ablations/ablations.md ablations/ablations.png ablations/*/summary.json ablations/*/eval/*.json \
        ablations/*/eval/report.md ablations/*/tb 2>/dev/null))
     ;;
