@@ -15,7 +15,7 @@ head) or part of it:
            _bwd_grads    parallel over chunks: dq, dk, dv, plus q.dq and k.dk per position; optionally as
                          two launches, dq/dk and dv (split_bwd)
            _bwd_gates    parallel over blocks of positions: the gate gradients from q.dq and k.dk, each
-                         block's suffix sums carried in from _bwd_grads' per-chunk sums
+                         block's suffix sums carried in from per-chunk sums (_bwd_chunk_sums)
 
 Launch settings of every kernel (warps, pipelining depths, the split) come from _config; _launch_overrides is
 the private hook through which the benchmark sweeps them.
@@ -65,6 +65,14 @@ def _chunk_gates(ig_ptr, fg_ptr, seg_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.con
     ig = tl.load(ig_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     lf = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)  # logsigmoid
     b = tl.cumsum(lf, 0)
+    starts, in_first, in_last, has_start, has_start_last = _chunk_docs(seg_ptr, offs, valid, c, L, HAS_DOC)
+    return offs, valid, b, ig, tl.sum(lf, 0), starts, in_first, in_last, has_start, has_start_last
+
+
+@triton.jit
+def _chunk_docs(seg_ptr, offs, valid, c, L: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The documents of chunk c (positions offs, validity valid; seg_ptr at this row): starts, in_first,
+    in_last, has_start and has_start_last as _chunk_gates returns them."""
     if HAS_DOC:
         seg = tl.load(seg_ptr + offs, mask=valid, other=0)
         seg_before = tl.load(seg_ptr + offs - 1, mask=valid & (offs > 0), other=0)
@@ -83,7 +91,7 @@ def _chunk_gates(ig_ptr, fg_ptr, seg_ptr, c, S, L: tl.constexpr, HAS_DOC: tl.con
         in_last = valid
         has_start = False
         has_start_last = False
-    return offs, valid, b, ig, tl.sum(lf, 0), starts, in_first, in_last, has_start, has_start_last
+    return starts, in_first, in_last, has_start, has_start_last
 
 
 @triton.jit
@@ -740,24 +748,6 @@ def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns
     tl.store(qdq_ptr + bh * S + offs1, qdq1, mask=valid1)
     tl.store(kdk_ptr + bh * S + offs0, kdk0, mask=valid0)
     tl.store(kdk_ptr + bh * S + offs1, kdk1, mask=valid1)
-    return qdq0 - kdk0, qdq1 - kdk1
-
-
-@triton.jit
-def _first_doc_sum(db, n_first, lo: tl.constexpr, N: tl.constexpr):
-    """Sum of db (N,), the chunk's positions lo .. lo + N - 1, over those among its first n_first: the positions
-    still in the document that entered the chunk. (A count, not the (L,) mask in_first: one scalar stays live
-    across the backward's dots instead of a vector, which spilled more at L = 128; offline, sm_90a.)"""
-    return tl.sum(tl.where(lo + tl.arange(0, N) < n_first, db, 0.0), 0)
-
-
-@triton.jit
-def _store_chunk_db(dbc_ptr, bh, NC, c, first_doc_sum, has_start):
-    """Row bh, chunk c of the (B*NH, NC, 2) fp32 chunk sums _bwd_gates carries with: the sum of
-    q.dq - k.dk over the chunk's positions in the document that entered it, and whether a document starts in
-    the chunk (1.0: the suffix sums of positions before it stop there)."""
-    tl.store(dbc_ptr + (bh * NC + c) * 2, first_doc_sum)
-    tl.store(dbc_ptr + (bh * NC + c) * 2 + 1, tl.where(has_start, 1.0, 0.0))
 
 
 @CompiledLaunch
@@ -770,7 +760,6 @@ def _bwd_grads(
     dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
     dq_ptr, dk_ptr, dv_ptr,  # outputs, input dtype
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
-    dbc_ptr,  # (B*NH, NC, 2) fp32 output: each chunk's sums for _bwd_gates (_store_chunk_db)
     NH, S, NC, eps,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
@@ -793,16 +782,13 @@ def _bwd_grads(
                                                        b, in_first, eps)
     dden = tl.load(dden_ptr + bh * S + offs, mask=valid, other=0.0)
     w = tl.where(in_last, tl.exp(b_last - b + ig - m_next), 0.0)
-    n_first = tl.sum(in_first.to(tl.int32), 0)  # for _bwd_gates' chunk sums (_first_doc_sum)
     if DV_SUBTILES:  # the split dv launch only
         _bwd_dv_subtiles(q_ptr, k_ptr, dh_ptr, dcs_ptr, dv_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, w, DQK, DV, L,
                          BK, BV, PREC, HAS_DOC)
     elif DQDK_SUBTILES:  # the split dq/dk launch only
-        db0, db1 = _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr,
-                                      qdq_ptr, kdk_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w, DQK,
-                                      DV, L, BK, BV, PREC, HAS_DOC)
-        first_doc_sum = _first_doc_sum(db0, n_first, 0, L // 2) + _first_doc_sum(db1, n_first, L // 2, L // 2)
-        _store_chunk_db(dbc_ptr, bh, NC, c, first_doc_sum, has_start)
+        _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, qdq_ptr,
+                           kdk_ptr, bh, c, S, NC, b, ig, starts, m_i, rz, s_inter, dden, w, DQK, DV, L, BK, BV, PREC,
+                           HAS_DOC)
     else:
         P = tl.exp(_intra_logits(b, ig, valid, starts, has_start, L, HAS_DOC) - m_i[:, None])
         rows = (bh * S + offs)[:, None]
@@ -865,7 +851,6 @@ def _bwd_grads(
                     kdk += tl.sum(k.to(tl.float32) * dk, 1)
             tl.store(qdq_ptr + bh * S + offs, qdq, mask=valid)
             tl.store(kdk_ptr + bh * S + offs, kdk, mask=valid)
-            _store_chunk_db(dbc_ptr, bh, NC, c, _first_doc_sum(qdq - kdk, n_first, 0, L), has_start)
         if DO_DV:
             for vb in tl.static_range(DV // BV):
                 ov = vb * BV + tl.arange(0, BV)
@@ -891,9 +876,33 @@ def _restart_add(v_a, restart_a, v_b, restart_b):
 
 @CompiledLaunch
 @triton.jit
+def _bwd_chunk_sums(
+    qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
+    seg_ptr,  # (B, S) int32/int64 segment ids (if HAS_DOC)
+    dbc_ptr,  # (B*NH, NC, 2) fp32 output
+    NH, S, NC,
+    L: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    """Per chunk c of row bh, what _bwd_gates carries across its blocks: the sum of q.dq - k.dk over the chunk's
+    positions still in the document that entered it (at dbc[bh, c, 0]), and whether a document starts in the
+    chunk (1.0 at dbc[bh, c, 1]: the suffix sums of the positions before it stop there). A launch of its own:
+    the same two stores in _bwd_grads' dq/dk launch kept the (L,) mask in_first live across its dots and made
+    that launch slower by more than the gate kernel gained (H200, eighteenth session)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    offs = c * L + tl.arange(0, L)
+    valid = offs < S
+    db = tl.load(qdq_ptr + bh * S + offs, mask=valid, other=0.0) - tl.load(kdk_ptr + bh * S + offs, mask=valid,
+                                                                           other=0.0)
+    _, in_first, _, has_start, _ = _chunk_docs(seg_ptr + (bh // NH) * S, offs, valid, c, L, HAS_DOC)
+    tl.store(dbc_ptr + (bh * NC + c) * 2, tl.sum(tl.where(in_first, db, 0.0), 0))
+    tl.store(dbc_ptr + (bh * NC + c) * 2 + 1, tl.where(has_start, 1.0, 0.0))
+
+
+@CompiledLaunch
+@triton.jit
 def _bwd_gates(
     qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 from _bwd_grads: q.dq and k.dk per position
-    dbc_ptr,  # (B*NH, NC, 2) fp32 from _bwd_grads: each chunk's sums (_store_chunk_db)
+    dbc_ptr,  # (B*NH, NC, 2) fp32 from _bwd_chunk_sums
     fg_ptr, seg_ptr,  # (B, NH, S) forget-gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     dfin_ptr,  # (B, NH) fp32: C.dC + n.dn of the final state (if HAS_DFINAL)
     dig_ptr, dfg_ptr,  # (B, NH, S) outputs in the gates' dtypes
@@ -907,7 +916,7 @@ def _bwd_gates(
     over t >= s in the document of s, and the forget gate at a document start (where the state resets) gets none.
 
     One program per block of BS positions (a multiple of L: whole chunks) of a (batch, head) row, in parallel.
-    What the suffix sums carry into the block from after its end is summed from _bwd_grads' chunk sums: the
+    What the suffix sums carry into the block from after its end is summed from _bwd_chunk_sums': the
     chunks after the block up to the first one in which a document starts, of which only the part before the
     start counts (BC chunk sums per load), and the final state's term if no document starts after the block.
     The block is then loaded last position first, so that its suffix sums are an inclusive scan (restarting at
@@ -962,7 +971,7 @@ def _bwd_gates(
 
 
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
-            "bwd_dv", "bwd_gates")
+            "bwd_dv", "bwd_chunk_sums", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles",
           "dqdk_subtiles")
 _COUNTS = ("state_segments", "carry_block")  # ints (state_segments None: chosen per call, _state_segments)
@@ -1054,8 +1063,10 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     pipelined_states = L == 128
     long_128 = L == 128 and DV == 128
     # _bwd_gates: one program per block of a row, the blocks in parallel (eighteenth session; before, one program
-    # walked each row, and its chain of steps took 24 us at (1, 32, 16384, 128), 41 with 8 documents, H200)
-    gates_block = min(1024, max(16, next_power_of_2(S)))
+    # walked each row, and its chain of steps took 24 us at (1, 32, 16384, 128), 41 with 8 documents, H200).
+    # Blocks of 512 and 4 warps took 3.2 / 5.3 us there, 9.2 / 17.5 at 65536 (bench_gates.py, H200), the best or
+    # within 0.3 us of it at each shape and document count.
+    gates_block = min(512, max(16, next_power_of_2(S)))
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
@@ -1065,7 +1076,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
                fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
                bwd_states=launch(4, NUM_STAGES=3 if pipelined_states else None), bwd_carry=launch(4),
                bwd_grads=launch(8), bwd_dqdk=launch(8), bwd_dv=launch(4 if long_128 else 8),
-               bwd_gates=launch(max(4, min(16, gates_block // 128)), BS=gates_block, BC=256))
+               bwd_chunk_sums=launch(4), bwd_gates=launch(4, BS=gates_block, BC=256))
     for key, value in _LAUNCH_OVERRIDES.items():
         if key in _FLAGS and isinstance(value, bool):
             cfg[key] = value
@@ -1214,8 +1225,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
                 HAS_INIT=ctx.has_init, **cfg["bwd_carry"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qdq, kdk = torch.empty_like(den), torch.empty_like(den)
-        dbc = torch.empty(B * NH, NC, 2, device=q.device, dtype=torch.float32)
-        args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk, dbc,
+        args = (q, k, v, dh, igate, fgate, seg_arg, cs, ns, ms, den, mi, dden, dcs, dns, dq, dk, dv, qdq, kdk,
                 NH, S, NC, eps)
         split = [(True, False, "bwd_dqdk"), (False, True, "bwd_dv")]
         for do_dqdk, do_dv, launch in split if cfg["split_bwd"] else [(True, True, "bwd_grads")]:
@@ -1231,6 +1241,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         ig_dtype, fg_dtype = ctx.gate_dtypes
         dig = torch.empty(B, NH, S, device=q.device, dtype=ig_dtype)
         dfg = torch.empty(B, NH, S, device=q.device, dtype=fg_dtype)
+        dbc = torch.empty(B * NH, NC, 2, device=q.device, dtype=torch.float32)
+        _bwd_chunk_sums[(NC, B * NH)](qdq, kdk, seg_arg, dbc, NH, S, NC, L=L, HAS_DOC=seg is not None,
+                                      **cfg["bwd_chunk_sums"])
         gates = dict(cfg["bwd_gates"], BS=max(cfg["bwd_gates"]["BS"], L))  # whole chunks per block
         _bwd_gates[(cdiv(S, gates["BS"]), B * NH)](qdq, kdk, dbc, fgate, seg_arg, d_final, dig, dfg, NH, S, NC, L=L,
                                                    HAS_DOC=seg is not None, HAS_DFINAL=has_dfinal, **gates)

@@ -1,7 +1,7 @@
 """Kernel launches with less host work per call than Triton's JITFunction.run.
 
 At S = 4096 the mLSTM's eager forward + backward is bound by the host, not the GPU (docs/benchmarks.md). Each of its
-six to nine launches goes through JITFunction.run (triton 3.6). Each time, that binds every argument, specializes
+seven to ten launches goes through JITFunction.run (triton 3.6). Each time, that binds every argument, specializes
 it, builds and hashes a cache key (str() of the options included) and reads Triton's knobs. It then builds launch
 metadata for the profiler hooks and calls both hook chains from C, even when they are empty. `CompiledLaunch`
 sends the first launch of each specialization through JITFunction.run, which compiles and launches, and keeps the

@@ -23,7 +23,7 @@ from xdistill_kernels import mlstm  # noqa: E402
 from xdistill_kernels.chunkwise_triton import _launch_overrides  # noqa: E402
 
 KERNELS = ("_fwd_states", "_fwd_carry", "_fwd_output", "_bwd_dden", "_bwd_states", "_bwd_carry", "_bwd_grads",
-           "_bwd_gates")
+           "_bwd_chunk_sums", "_bwd_gates")
 
 
 def kernel_times(shape, segments, carry_block, docs, calls=10):

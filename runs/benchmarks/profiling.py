@@ -16,7 +16,7 @@ import torch
 # Kernel-name patterns per family, first match wins (names as the CUDA profiler reports them).
 FAMILIES = (
     ("mLSTM (ours, Triton)", ("_fwd_states", "_fwd_carry", "_fwd_output", "_bwd_dden", "_bwd_states", "_bwd_carry",
-                              "_bwd_grads", "_bwd_gates", "_step_kernel")),
+                              "_bwd_grads", "_bwd_chunk_sums", "_bwd_gates", "_step_kernel")),
     ("fused mixer ops (ours, Triton)", ("_feature_map", "_gate_act", "_mix_fwd", "_mix_bwd")),
     ("FlexAttention", ("flex", "triton_tem_fused")),
     ("SDPA / flash", ("flash", "fmha", "attention", "cudnn")),
