@@ -160,11 +160,18 @@ def graphed_fwd_bwd(fn, leaves, dh):
 
 def graphed_timer(fn, leaves, dh):
     """graphed_fwd_bwd's timer, captured once and timed on each call; None where capture fails."""
+    # Cached blocks handed back before the capture: a capture at (1, 32, 65536, 128) with 8 documents failed in
+    # three runs ("operation failed due to a previous error during capture", 134 GiB reserved but unallocated
+    # after it; sixteenth and eighteenth sessions, H200). A guess, not checked on a GPU: the card was full of
+    # the caching allocator's free blocks, and a block allocated inside the capture could only come from
+    # releasing them, which a capture does not allow.
+    gc.collect()
+    torch.cuda.empty_cache()
     try:
         graphed = torch.cuda.make_graphed_callables(fn, tuple(leaves), num_warmup_iters=3)
         return fwd_bwd(lambda: graphed(*leaves), leaves, dh)
     except Exception as e:  # reported, not fatal: the eager columns stand without it
-        print(f"CUDA-graph capture failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"CUDA-graph capture failed: {type(e).__name__}: {str(e)[:1000]}", flush=True)
         return None
 
 
