@@ -7,6 +7,9 @@
 #   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start JOB...
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 # Issue the next `wait` as soon as one returns: a machine idle for 30 s is given back, with its queue.
+# Carry .stage2 in the `wait` calls too while a queued job still reads it (the kernels-ab baselines under
+# .stage2/ab): a call without it left the job that started during that call without the directory (twice in
+# the eighteenth session: kernels-ab4k, queued after kernels-ab, found no baseline).
 # On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
 # LANE=2,3 gives a queue two cards (for fsdp-two). `wait` waits for every lane. Each comparison still runs
 # whole in one process on one card.
