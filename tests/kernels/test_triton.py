@@ -53,8 +53,9 @@ VARIANTS = {
     "split_restructured": dict(split_bwd=True, dqdk_restructured=True),
     "output_restructured": dict(output_restructured=True),
     "dden_prefetch": dict(dden_prefetch=True, bwd_states={"NUM_STAGES": 3}),
-    # the gate-gradient scan in blocks of 16 positions, so that its carry crosses blocks and documents
-    "gate_blocks": dict(bwd_gates={"BS": 16}),
+    # the gate gradients in blocks of 16 positions, so that the carry into a block crosses blocks and documents,
+    # summed from loads of two chunk sums each (the count of document starts carried from load to load)
+    "gate_blocks": dict(bwd_gates={"BS": 16, "BC": 2}),
     # the state kernels' chunks in 3 segments (fewer where there are fewer chunks), so that the carry passes
     # walk across segments in both directions, one chunk per carry program (several blocks per segment)
     "segments": dict(state_segments=3, carry_block=1),
