@@ -328,9 +328,8 @@ def _fwd_carry(
                 tl.store(mf_ptr + bh, m)
 
 
-@CompiledLaunch
 @triton.jit
-def _fwd_output(
+def _fwd_output_chunk(
     q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
     ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # chunk states from _fwd_states
@@ -404,6 +403,38 @@ def _fwd_output(
     if vb == 0:
         tl.store(den_ptr + bh * S + offs, den, mask=valid)
         tl.store(mi_ptr + bh * S + offs, m_i, mask=valid)
+
+
+@CompiledLaunch
+@triton.jit
+def _fwd_output(
+    q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
+    ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
+    cs_ptr, ns_ptr, ms_ptr,  # chunk states from _fwd_states
+    h_ptr,  # (B, NH, S, DV) output, input dtype
+    den_ptr, mi_ptr,  # (B, NH, S) fp32: signed stabilised normaliser n^T q and stabiliser m per position
+    NH, S, NC, eps,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, OUT_RESTRUCTURED: tl.constexpr,
+    DOC_BRANCH: tl.constexpr,
+):
+    """_fwd_output_chunk for chunk program_id(0) of row program_id(1). DOC_BRANCH (doc_branch in _config;
+    with documents only): a chunk in which no document starts runs the one-document code, whose masks are
+    then exact (every position continues the incoming state and feeds the outgoing one), and only chunks
+    with a start run the document code; the two are compiled side by side in one kernel."""
+    if HAS_DOC and DOC_BRANCH:
+        c, bh = tl.program_id(0), tl.program_id(1)
+        offs = c * L + tl.arange(0, L)
+        _, _, _, has_start, _ = _chunk_docs(seg_ptr + (bh // NH) * S, offs, offs < S, c, L, True)
+        if has_start:
+            _fwd_output_chunk(q_ptr, k_ptr, v_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, h_ptr, den_ptr,
+                mi_ptr, NH, S, NC, eps, DQK, DV, L, BK, BV, PREC, True, OUT_RESTRUCTURED)
+        else:
+            _fwd_output_chunk(q_ptr, k_ptr, v_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, h_ptr, den_ptr,
+                mi_ptr, NH, S, NC, eps, DQK, DV, L, BK, BV, PREC, False, OUT_RESTRUCTURED)
+    else:
+        _fwd_output_chunk(q_ptr, k_ptr, v_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, h_ptr, den_ptr,
+            mi_ptr, NH, S, NC, eps, DQK, DV, L, BK, BV, PREC, HAS_DOC, OUT_RESTRUCTURED)
 
 
 @CompiledLaunch
@@ -750,9 +781,8 @@ def _bwd_dqdk_subtiles(q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns
     tl.store(kdk_ptr + bh * S + offs1, kdk1, mask=valid1)
 
 
-@CompiledLaunch
 @triton.jit
-def _bwd_grads(
+def _bwd_grads_chunk(
     q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
     ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
     cs_ptr, ns_ptr, ms_ptr,  # forward chunk states
@@ -867,6 +897,44 @@ def _bwd_grads(
                 tl.store(dv_ptr + rows * DV + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=qkv_mask)
 
 
+@CompiledLaunch
+@triton.jit
+def _bwd_grads(
+    q_ptr, k_ptr, v_ptr, dh_ptr,  # (B, NH, S, DQK) x2, (B, NH, S, DV) x2
+    ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
+    cs_ptr, ns_ptr, ms_ptr,  # forward chunk states
+    den_ptr, mi_ptr, dden_ptr,  # (B, NH, S) fp32
+    dcs_ptr, dns_ptr,  # gradient of the state leaving each chunk, from _bwd_states
+    dq_ptr, dk_ptr, dv_ptr,  # outputs, input dtype
+    qdq_ptr, kdk_ptr,  # (B, NH, S) fp32 outputs: q.dq and k.dk per position
+    NH, S, NC, eps,
+    DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, HAS_DOC: tl.constexpr, DO_DQDK: tl.constexpr, DO_DV: tl.constexpr,
+    DQDK_RESTRUCTURED: tl.constexpr, DV_SUBTILES: tl.constexpr, DQDK_SUBTILES: tl.constexpr,
+    DOC_BRANCH: tl.constexpr,
+):
+    """_bwd_grads_chunk for chunk program_id(0) of row program_id(1). DOC_BRANCH (doc_branch in _config;
+    with documents only): a chunk in which no document starts runs the one-document code, whose masks are
+    then exact (every position continues the incoming state and feeds the outgoing one), and only chunks
+    with a start run the document code; the two are compiled side by side in one kernel."""
+    if HAS_DOC and DOC_BRANCH:
+        c, bh = tl.program_id(0), tl.program_id(1)
+        offs = c * L + tl.arange(0, L)
+        _, _, _, has_start, _ = _chunk_docs(seg_ptr + (bh // NH) * S, offs, offs < S, c, L, True)
+        if has_start:
+            _bwd_grads_chunk(q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, den_ptr,
+                mi_ptr, dden_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr, NH, S, NC, eps, DQK, DV,
+                L, BK, BV, PREC, True, DO_DQDK, DO_DV, DQDK_RESTRUCTURED, DV_SUBTILES, DQDK_SUBTILES)
+        else:
+            _bwd_grads_chunk(q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, den_ptr,
+                mi_ptr, dden_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr, NH, S, NC, eps, DQK, DV,
+                L, BK, BV, PREC, False, DO_DQDK, DO_DV, DQDK_RESTRUCTURED, DV_SUBTILES, DQDK_SUBTILES)
+    else:
+        _bwd_grads_chunk(q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, den_ptr,
+            mi_ptr, dden_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr, NH, S, NC, eps, DQK, DV, L,
+            BK, BV, PREC, HAS_DOC, DO_DQDK, DO_DV, DQDK_RESTRUCTURED, DV_SUBTILES, DQDK_SUBTILES)
+
+
 @triton.jit
 def _restart_add(v_a, restart_a, v_b, restart_b):
     """Combine of a segmented inclusive scan: an element flagged `restart` begins a new run, so the sum so far
@@ -973,7 +1041,7 @@ def _bwd_gates(
 _KERNELS = ("fwd_states", "fwd_carry", "fwd_output", "bwd_dden", "bwd_states", "bwd_carry", "bwd_grads", "bwd_dqdk",
             "bwd_dv", "bwd_chunk_sums", "bwd_gates")
 _FLAGS = ("split_bwd", "gates_fp32", "dqdk_restructured", "output_restructured", "dden_prefetch", "dv_subtiles",
-          "dqdk_subtiles")
+          "dqdk_subtiles", "doc_branch")
 _COUNTS = ("state_segments", "carry_block")  # ints (state_segments None: chosen per call, _state_segments)
 _LAUNCH_OVERRIDES: dict = {}  # changed only through _launch_overrides
 
@@ -1035,6 +1103,8 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     chunk's three causal half-size sub-tiles instead of the L x L tile (on at L = 128, head dim 128: 2.314 ->
     2.268 ms at (1, 32, 16384, 128) and 8.919 -> 8.754 at 65536 from CUDA graphs, H200, eighteenth session);
     dqdk_subtiles the same for the split dq/dk launch (slower there: 2.268 -> 2.691 ms with both).
+    doc_branch compiles _fwd_output and _bwd_grads with DOC_BRANCH: with documents, chunks without a document
+    start run the one-document code (not timed yet; documents add ~7 % to those two kernels, H200).
     bwd_gates' BS is the block of positions per program (at least L; the tests shrink it to cross blocks), BC
     the chunk sums it reads per load to sum what is carried into the block.
     Counts: state_segments, the number of segments the state kernels' chunk chain is cut into (None: chosen per
@@ -1070,7 +1140,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     cfg = dict(L=L, BK=min(64, DQK), BV=min(64, DV), BVO=BVO, BKS=min(tile, DQK), BVS=min(tile, DV),
                PREC="ieee" if dtype == torch.float32 else "tf32", split_bwd=long_128,
                gates_fp32=pipelined_states, dqdk_restructured=long_128, output_restructured=long_128,
-               dden_prefetch=pipelined_states, dv_subtiles=long_128, dqdk_subtiles=False,
+               dden_prefetch=pipelined_states, dv_subtiles=long_128, dqdk_subtiles=False, doc_branch=False,
                state_segments=None, carry_block=8,
                fwd_states=launch(4, NUM_STAGES=None), fwd_carry=launch(4),
                fwd_output=launch(8 if L * BVO > 4096 else 4), bwd_dden=launch(4),
@@ -1180,7 +1250,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
         _fwd_output[(NC, B * NH, DV // cfg["BVO"])](
             q, k, v, igate, fgate, seg_arg, cs, ns, ms, h, den, mi, NH, S, NC, eps,
             DQK=DQK, DV=DV, L=L, BK=cfg["BK"], BV=cfg["BVO"], OUT_RESTRUCTURED=cfg["output_restructured"],
-            **cfg["fwd_output"], **flags)
+            DOC_BRANCH=cfg["doc_branch"], **cfg["fwd_output"], **flags)
         ctx.save_for_backward(q, k, v, igate, fgate, seg, cs, ns, ms, den, mi, h, *final[:2] if with_state else ())
         ctx.cfg, ctx.eps, ctx.has_init, ctx.with_state = cfg, eps, C0 is not None, with_state
         ctx.segments, ctx.carry = (G, K, W), carry
@@ -1233,7 +1303,7 @@ class _MLSTMChunkwise(torch.autograd.Function):
                                      DQDK_RESTRUCTURED=cfg["dqdk_restructured"] and not do_dv,
                                      DV_SUBTILES=cfg["dv_subtiles"] and not do_dqdk and L >= 32,
                                      DQDK_SUBTILES=cfg["dqdk_subtiles"] and not do_dv and L >= 32,
-                                     **cfg[launch], **flags)
+                                     DOC_BRANCH=cfg["doc_branch"], **cfg[launch], **flags)
         d_final = den  # (unread without a final state)
         if has_dfinal:
             Cf, nf = final

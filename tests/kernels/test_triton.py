@@ -59,6 +59,8 @@ VARIANTS = {
     # the state kernels' chunks in 3 segments (fewer where there are fewer chunks), so that the carry passes
     # walk across segments in both directions, one chunk per carry program (several blocks per segment)
     "segments": dict(state_segments=3, carry_block=1),
+    # with documents, chunks without a document start through the one-document code of _fwd_output, _bwd_grads
+    "doc_branch": dict(doc_branch=True),
 }
 
 
@@ -128,7 +130,7 @@ def test_triton_extreme_gates_fp32(variant):
                             n_docs=4, gate_scale=10.0, variant=variant)
 
 
-@pytest.mark.parametrize("variant", ["default", "gate_blocks", "segments"])
+@pytest.mark.parametrize("variant", ["default", "gate_blocks", "segments", "doc_branch"])
 def test_triton_documents_at_chunk_edges_fp32(variant):
     """Document starts where per-chunk bounds are easy to get wrong (chunks of 16): at a chunk's first position
     (16, 48), at its last (31), two in one chunk (40, 44), none in chunks 4-5, and one-token documents at the
