@@ -1,11 +1,12 @@
-"""Launch sweep of the gate-gradient kernel alone (`_bwd_gates`), one document and 8, on one GPU (median us).
+"""Launch sweep of the gate-gradient kernels (`_bwd_chunk_sums` then `_bwd_gates`), one document and 8, on one
+GPU (median us).
 
     python kernels/benchmarks/bench_gates.py --out $OUT      # writes bench_gates.md
 
 `_bwd_gates` runs one program per block of BS positions of each (batch, head) row, all in parallel; each sums
 what its block's suffix sums carry in from the per-chunk sums of `_bwd_chunk_sums`, timed with it. Until the
-eighteenth session one program walked each row, a chain of per-block steps. This times
-it, replayed from CUDA graphs, over block sizes and warps with the inputs the backward passes at L = 128 (fp32
+eighteenth session one program walked each row, a chain of per-block steps. This times the two, replayed from
+CUDA graphs, over block sizes and warps of `_bwd_gates` with the inputs the backward passes at L = 128 (fp32
 q.dq, k.dk and forget gates, bf16 gate gradients, int64 segment ids), after checking that every setting gives
 the gradients of the default (BS = 512, 4 warps) to relative L2 < 1e-3: the blocks only reorder fp32 sums,
 which flips the bf16 rounding of a few elements by one ulp (2^-8 relative).
@@ -57,7 +58,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    lines = [f"Card: {torch.cuda.get_device_name()}; `_bwd_gates` alone, median us (relative to BS = 512, 4 warps)",
+    lines = [f"Card: {torch.cuda.get_device_name()}; `_bwd_chunk_sums` + `_bwd_gates`, median us (relative to "
+             "BS = 512, 4 warps)",
              "", "| (B, NH, S) | docs | " + " | ".join(f"BS {b}, {w} warps" for b, w in itertools.product(
                  BLOCKS, WARPS)) + " |", "|---" * (len(BLOCKS) * len(WARPS) + 2) + "|"]
     for (B, NH, S), docs in itertools.product(SHAPES, (1, 8)):

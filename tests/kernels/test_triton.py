@@ -8,7 +8,8 @@ explained there.
 
 Every launch variant of the Triton path (kernels/chunkwise_triton.py, _config) runs through the same checks:
 the split backward (and its restructured dq/dk block), the restructured _fwd_output, _bwd_states' hoisted
-dden load and the state kernels cut into segments (with their carry passes) are other compiled code;
+dden load, the state kernels cut into segments (with their carry passes), the gate kernel's blocks (carried
+across from chunk sums) and the document branch of _fwd_output and _bwd_grads are other compiled code;
 pipelining depths, warps and fp32 gates change only how the kernels are scheduled and loaded (the interpreter
 ignores them), so on CPU they check the launch plumbing and on a GPU the compiled code.
 """
