@@ -41,17 +41,17 @@
 #   kernels-ab  an A/B of a kernel change: ours beside other copies of kernels/ in one process, alternating, 1 and 8
 #               documents, eager and graphed, peers beside; AB_BASELINES="NAME=DIR ..." (DIR a copy of kernels/, e.g.
 #               from `git archive COMMIT kernels`, carried in .stage2), AB_SHAPES indices (default 1,2,4: 16k, 64k,
-#               (2, 9, 16384, 64)); per-kernel profiles of ours, 1 and 8 documents             [guess: 6]
+#               (2, 9, 16384, 64)); per-kernel profiles of ours, 1 and 8 documents             [5-6.5, H200 18th]
 #   kernels-ab4k  the same A/B at the two S = 4096 shapes, with AB4K_BASELINES (S = 4096 is host-bound eagerly,
 #               so host-side changes are compared there)                                       [4, H100 15th]
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-segments  per-kernel GPU time of ours at state_segments 1, 2, 4, 8 (kernels/benchmarks/bench_segments.py;
-#               SEG_SHAPES indices, default all five; SEG_DOCS documents per row, default 0: one) (issue 3) [~2, guess]
+#               SEG_SHAPES indices, default all five; SEG_DOCS documents per row, default 0: one) (issue 3) [0.5, H200 18th]
 #   kernels-gates  the gate-gradient kernel alone over block sizes and warps (kernels/benchmarks/bench_gates.py)
-#               (issue 3)                                                                       [~2, guess]
+#               (issue 3)                                                                       [1, H200 18th]
 #   kernels-variants  ours under LAUNCH_GRID entries (bench_mlstm.py) against the defaults, eager and from CUDA graphs
 #               (the graphed times pick the winners), peers beside: SWEEP="name,name" (required), SWEEP_SHAPES
-#               (indices, default all five) (issue 3; docs/kernels.md)                                  [~6, guess]
+#               (indices, default all five) (issue 3; docs/kernels.md)                                  [6.5 for four entries, H200 18th]
 #   smollm2     the whole SmolLM2 table, teacher + students, profiles at 4k and 64k (issue 9)           [24]
 #   stage2      stage II eager vs compiled blocks, profiled (issue 4)                                   [3]
 #   snapshot    allocation sites alive at decode start, SmolLM2 student, batch 8 (diagnosis)           [2]
