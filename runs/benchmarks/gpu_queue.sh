@@ -47,7 +47,7 @@
 #   kernels-sweep  the kernels job with the state-tile and launch sweeps                          [8, H200 7th]
 #   kernels-segments  per-kernel GPU time of ours at state_segments 1, 2, 4, 8 (kernels/benchmarks/bench_segments.py;
 #               SEG_SHAPES indices, default all five; SEG_DOCS documents per row, default 0: one) (issue 3) [0.5, H200 18th]
-#   kernels-gates  the gate-gradient kernel alone over block sizes and warps (kernels/benchmarks/bench_gates.py)
+#   kernels-gates  the gate-gradient kernels alone over block sizes and warps (kernels/benchmarks/bench_gates.py)
 #               (issue 3)                                                                       [1, H200 18th]
 #   kernels-variants  ours under LAUNCH_GRID entries (bench_mlstm.py) against the defaults, eager and from CUDA graphs
 #               (the graphed times pick the winners), peers beside: SWEEP="name,name" (required), SWEEP_SHAPES
