@@ -7,9 +7,9 @@
 #   call 2: carry .stage2:  eval "$(bash .stage2/install.sh)" && bash runs/benchmarks/gpu_queue.sh start JOB...
 #   later:  bash runs/benchmarks/gpu_queue.sh wait 540      # waits up to 540 s, then collects into $OUT
 # Issue the next `wait` as soon as one returns: a machine idle for 30 s is given back, with its queue.
-# Carry .stage2 in the `wait` calls too while a queued job still reads it (the kernels-ab baselines under
-# .stage2/ab): a call without it left the job that started during that call without the directory (twice in
-# the eighteenth session: kernels-ab4k, queued after kernels-ab, found no baseline).
+# `start` copies the kernels-ab baselines (AB_BASELINES, AB4K_BASELINES: copies of kernels/ under .stage2) to
+# $ROOT first: a call that did not carry .stage2 left the job that started during it without the directory
+# (twice in the eighteenth session: kernels-ab4k, queued after kernels-ab, found no baseline).
 # On a machine with several GPUs, LANE=N runs a queue on GPU N beside the others (its own log, queueN.log);
 # LANE=2,3 gives a queue two cards (for fsdp-two). `wait` waits for every lane. Each comparison still runs
 # whole in one process on one card.
@@ -147,6 +147,19 @@ case ${1:-} in
       [[ $j == await-* ]] || grep -qE "^    ([a-z0-9|-]+\|)?$j[|)]" "$0" || { echo "unknown job $j" >&2; exit 2; }
     done
     mkdir -p "$ROOT/flags"
+    # the A/B baselines copied out of the working tree, which a later call that does not carry .stage2 leaves
+    # without them (header)
+    for var in AB_BASELINES AB4K_BASELINES; do
+      specs=""
+      for spec in ${!var:-}; do
+        name=${spec%%=*} dir=${spec#*=}
+        [[ -f $dir/__init__.py ]] || { echo "$var: $spec is not NAME=DIR with DIR a copy of kernels/" >&2; exit 2; }
+        rm -rf "$ROOT/ab-baselines/$name" && mkdir -p "$ROOT/ab-baselines/$name" \
+          && cp -r "$dir/." "$ROOT/ab-baselines/$name/"
+        specs+="$name=$ROOT/ab-baselines/$name "
+      done
+      [[ -z $specs ]] || export "$var=$specs"
+    done
     [[ -z $LANE ]] || export CUDA_VISIBLE_DEVICES=$LANE
     source runs/smollm2/device_env.sh >/dev/null
     export OMP_NUM_THREADS=8 ROOT
