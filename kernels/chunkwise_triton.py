@@ -329,6 +329,18 @@ def _fwd_carry(
 
 
 @triton.jit
+def _starts_in_chunk(seg_ptr, NH, S, L: tl.constexpr):
+    """Whether a document starts in chunk program_id(0) of row program_id(1). With DOC_BRANCH (doc_branch in
+    _config; documents only), _fwd_output and _bwd_grads branch on it: a chunk without a start runs the
+    one-document code, whose masks are then exact (every position continues the incoming state and feeds the
+    outgoing one), and only chunks with a start run the document code; the two are compiled side by side in
+    one kernel."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    offs = c * L + tl.arange(0, L)
+    return _chunk_docs(seg_ptr + (bh // NH) * S, offs, offs < S, c, L, True)[3]
+
+
+@triton.jit
 def _fwd_output_chunk(
     q_ptr, k_ptr, v_ptr,  # (B, NH, S, DQK), (B, NH, S, DQK), (B, NH, S, DV)
     ig_ptr, fg_ptr, seg_ptr,  # (B, NH, S) x2 gate pre-activations, (B, S) int32/int64 segment ids (if HAS_DOC)
@@ -418,15 +430,9 @@ def _fwd_output(
     PREC: tl.constexpr, HAS_DOC: tl.constexpr, OUT_RESTRUCTURED: tl.constexpr,
     DOC_BRANCH: tl.constexpr,
 ):
-    """_fwd_output_chunk for chunk program_id(0) of row program_id(1). DOC_BRANCH (doc_branch in _config;
-    with documents only): a chunk in which no document starts runs the one-document code, whose masks are
-    then exact (every position continues the incoming state and feeds the outgoing one), and only chunks
-    with a start run the document code; the two are compiled side by side in one kernel."""
+    """_fwd_output_chunk for chunk program_id(0) of row program_id(1); DOC_BRANCH: _starts_in_chunk."""
     if HAS_DOC and DOC_BRANCH:
-        c, bh = tl.program_id(0), tl.program_id(1)
-        offs = c * L + tl.arange(0, L)
-        _, _, _, has_start, _ = _chunk_docs(seg_ptr + (bh // NH) * S, offs, offs < S, c, L, True)
-        if has_start:
+        if _starts_in_chunk(seg_ptr, NH, S, L):
             _fwd_output_chunk(q_ptr, k_ptr, v_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, h_ptr, den_ptr,
                 mi_ptr, NH, S, NC, eps, DQK, DV, L, BK, BV, PREC, True, OUT_RESTRUCTURED)
         else:
@@ -913,15 +919,9 @@ def _bwd_grads(
     DQDK_RESTRUCTURED: tl.constexpr, DV_SUBTILES: tl.constexpr, DQDK_SUBTILES: tl.constexpr,
     DOC_BRANCH: tl.constexpr,
 ):
-    """_bwd_grads_chunk for chunk program_id(0) of row program_id(1). DOC_BRANCH (doc_branch in _config;
-    with documents only): a chunk in which no document starts runs the one-document code, whose masks are
-    then exact (every position continues the incoming state and feeds the outgoing one), and only chunks
-    with a start run the document code; the two are compiled side by side in one kernel."""
+    """_bwd_grads_chunk for chunk program_id(0) of row program_id(1); DOC_BRANCH: _starts_in_chunk."""
     if HAS_DOC and DOC_BRANCH:
-        c, bh = tl.program_id(0), tl.program_id(1)
-        offs = c * L + tl.arange(0, L)
-        _, _, _, has_start, _ = _chunk_docs(seg_ptr + (bh // NH) * S, offs, offs < S, c, L, True)
-        if has_start:
+        if _starts_in_chunk(seg_ptr, NH, S, L):
             _bwd_grads_chunk(q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, fg_ptr, seg_ptr, cs_ptr, ns_ptr, ms_ptr, den_ptr,
                 mi_ptr, dden_ptr, dcs_ptr, dns_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr, NH, S, NC, eps, DQK, DV,
                 L, BK, BV, PREC, True, DO_DQDK, DO_DV, DQDK_RESTRUCTURED, DV_SUBTILES, DQDK_SUBTILES)
@@ -1161,6 +1161,7 @@ def _launch_config(S: int, DQK: int, DV: int, dtype: torch.dtype, chunk_size: in
     for flag in ("dqdk_restructured", "dv_subtiles", "dqdk_subtiles"):
         if cfg[flag] and not cfg["split_bwd"]:
             raise ValueError(f"mlstm triton: {flag} applies to the split backward only (split_bwd=True)")
+    cfg["bwd_gates"]["BS"] = max(cfg["bwd_gates"]["BS"], L)  # whole chunks per block (overrides may go below L)
     return cfg
 
 
@@ -1315,9 +1316,9 @@ class _MLSTMChunkwise(torch.autograd.Function):
         dbc = torch.empty(B * NH, NC, 2, device=q.device, dtype=torch.float32)
         _bwd_chunk_sums[(NC, B * NH)](qdq, kdk, seg_arg, dbc, NH, S, NC, L=L, HAS_DOC=seg is not None,
                                       **cfg["bwd_chunk_sums"])
-        gates = dict(cfg["bwd_gates"], BS=max(cfg["bwd_gates"]["BS"], L))  # whole chunks per block
-        _bwd_gates[(cdiv(S, gates["BS"]), B * NH)](qdq, kdk, dbc, fgate, seg_arg, d_final, dig, dfg, NH, S, NC, L=L,
-                                                   HAS_DOC=seg is not None, HAS_DFINAL=has_dfinal, **gates)
+        _bwd_gates[(cdiv(S, cfg["bwd_gates"]["BS"]), B * NH)](
+            qdq, kdk, dbc, fgate, seg_arg, d_final, dig, dfg, NH, S, NC, L=L, HAS_DOC=seg is not None,
+            HAS_DFINAL=has_dfinal, **cfg["bwd_gates"])
         return dq, dk, dv, dig, dfg, dC0, dn0, None, None, None, None, None, None
 
 
